@@ -1,0 +1,45 @@
+# Set-up and entry points. `make demo` runs the main job, `make test` the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+SYSDEPS_APT := pkg-config libopencv-dev libturbojpeg0-dev
+
+.PHONY: setup sysdeps test test-fast demo clean
+
+setup: $(STAMP)
+
+# Re-installs only when requirements.txt changed (the stamp is newer otherwise).
+$(STAMP): requirements.txt
+	@$(MAKE) --no-print-directory sysdeps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+# FFCV compiles against OpenCV and libjpeg-turbo found through pkg-config.
+sysdeps:
+	@if command -v pkg-config >/dev/null && pkg-config --exists opencv4 libturbojpeg; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing FFCV's system libraries: $(SYSDEPS_APT)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS_APT); \
+	else \
+		echo "FFCV needs system libraries that are missing. Install them, then re-run 'make setup':"; \
+		echo "    sudo apt-get install -y $(SYSDEPS_APT)"; \
+		exit 1; \
+	fi
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+demo: setup
+	@echo "make demo will convert the bundled digits dataset, pre-train a small ViT with PatchMix"
+	@echo "and compare its kNN accuracy with a random encoder. It arrives with eval.py (not built yet)."
+	@exit 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache

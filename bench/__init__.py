@@ -1,0 +1,1 @@
+"""Benchmarks behind `python bench.py`: one module per benchmark, one shared harness."""

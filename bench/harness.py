@@ -1,0 +1,98 @@
+"""The one timing harness every benchmark uses: warm-up, repeats, medians, environment capture,
+a printed table and one JSON schema (`{"benchmark", "date", "environment", "settings", "results"}`)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+
+def synchronize(device: str | None = None) -> None:
+    """Wait for queued GPU work so that wall-clock times are honest (no-op on CPU)."""
+    import torch
+
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 10, device: str | None = None) -> dict:
+    """Run `fn` `warmup` times untimed, then `repeats` times timed; return median/min/max seconds."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict:
+    """Hardware and library versions, so that every JSON result says what produced it."""
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    for module in ("triton", "timm", "ffcv", "nvidia.dali"):
+        try:
+            env[module] = __import__(module, fromlist=["__version__"]).__version__
+        except Exception:  # an optional backend that is absent or broken is reported as missing
+            env[module] = None
+    return env
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Print `rows` as an aligned text table with the given columns."""
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "-" if value is None else str(value)
+
+    cells = [[fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def report(benchmark: str, settings: dict, results: list[dict], columns: Sequence[str],
+           json_path: str | None = None) -> dict:
+    """Print the results table and, when asked, write the JSON record atomically."""
+    record = {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "settings": settings,
+        "results": results,
+    }
+    print_table(results, columns)
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(path)
+        print(f"wrote {path}")
+    return record

@@ -1,0 +1,1 @@
+"""ViT encoders, MLP heads, the PatchMix loss and framework."""

@@ -1,0 +1,123 @@
+"""The PatchMix framework (recipe §3–4), laid out like MoCo v3's `moco/builder.py`.
+
+A base encoder (a ViT whose `head` is the projector) with a predictor, and an optional
+momentum encoder updated by EMA. `forward` mixes the views and returns the PatchMix loss.
+"""
+import copy
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from timm.layers import DropPath
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from kernels.patchmix import patchmix, patchmix_targets
+from model.heads import build_predictor, build_projector
+from model.loss import soft_target_contrastive
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(keys: torch.Tensor) -> torch.Tensor:
+    return keys
+
+
+def _momentum_copy(encoder: nn.Module) -> nn.Module:
+    """A frozen copy of `encoder`, without stochastic depth (the published momentum encoder is
+    built with drop path 0)."""
+    momentum = copy.deepcopy(encoder)
+    for module in momentum.modules():
+        if isinstance(module, DropPath):
+            module.drop_prob = 0.0
+    return momentum.requires_grad_(False)
+
+
+class PatchMixFramework(nn.Module):
+    """Base encoder + projector + predictor, and an optional momentum encoder (recipe §4).
+
+    Without a momentum encoder (published for ViT-Tiny on CIFAR) the keys come from the base
+    encoder: the key of view 1 is the detached projection of the same forward that makes its
+    query (as the published code does), the other keys are base forwards under `no_grad`.
+    """
+
+    def __init__(self, encoder: VisionTransformer, dim: int = 256, mlp_dim: int = 4096,
+                 momentum_encoder: bool = True, num_mix: int = 2, smoothing: float = 0.0) -> None:
+        super().__init__()
+        patch_h, patch_w = encoder.patch_embed.patch_size
+        if patch_h != patch_w:
+            raise ValueError(f"encoder's patch size must be square to mix patches; got {patch_h}x{patch_w}")
+        encoder.head = build_projector(encoder.num_features, mlp_dim, dim)
+        self.base = encoder
+        self.predictor = build_predictor(dim, mlp_dim)
+        self.momentum = _momentum_copy(encoder) if momentum_encoder else None
+        self.patch_size = patch_h
+        self.num_mix = num_mix
+        self.smoothing = smoothing
+
+    @property
+    def key_encoder(self) -> nn.Module:
+        """The encoder that makes the keys (and is evaluated, recipe §7)."""
+        return self.base if self.momentum is None else self.momentum
+
+    @torch.no_grad()
+    def update_momentum(self, m: float) -> None:
+        """EMA of the parameters: momentum ← m·momentum + (1 − m)·base. No-op without one."""
+        if self.momentum is None:
+            return
+        momentum_params = list(self.momentum.parameters())
+        torch._foreach_mul_(momentum_params, m)
+        torch._foreach_add_(momentum_params, list(self.base.parameters()), alpha=1.0 - m)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.base(x))
+
+    @torch.no_grad()
+    def _key(self, x: torch.Tensor) -> torch.Tensor:
+        return self.key_encoder(x)
+
+    def _query_and_key(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        projection = self.base(x)
+        key = projection.detach() if self.momentum is None else self._key(x)
+        return self.predictor(projection), key
+
+    def _mix(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return patchmix(x, self.patch_size, self.num_mix, generator=generator)[0]
+
+    def forward(self, views: Sequence[torch.Tensor], temperature: float, gather: Gather = _identity,
+                rank: int = 0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """PatchMix loss of one step (recipe §3) from `views = [v1, v2, *local_crops]`.
+
+        Every view is a batch of the same `B` images. `gather` concatenates keys across ranks
+        (identity on one process) and `rank` offsets the targets. Mixes are drawn from
+        `generator` in the order v1, v2, crops (eager only: dynamo cannot trace a generator, so
+        leave it None under torch.compile). Returns each term's contribution to the loss
+        (`source`, `mix` and `mix_mix` already halved, `multi` and `multi_mix` with local crops)
+        and their sum `loss`.
+        """
+        v1, v2, *crops = views
+        targets = patchmix_targets(v1.shape[0], self.num_mix, rank, device=v1.device)
+        contrast = partial(soft_target_contrastive, temperature=temperature, smoothing=self.smoothing)
+        mixed_v1, mixed_v2 = self._mix(v1, generator), self._mix(v2, generator)
+
+        q1, k1 = self._query_and_key(v1)
+        k1, k2, mk1 = gather(k1), gather(self._key(v2)), gather(self._key(mixed_v1))
+        mq2 = self._query(mixed_v2)
+        terms = {
+            "source": contrast(q1, k2, *targets.source),
+            "mix": contrast(mq2, k1, *targets.mix) / 2,
+            "mix_mix": contrast(mq2, mk1, *targets.mix_mix) / 2,
+        }
+        if crops:
+            mixed_crops = [self._mix(crop, generator) for crop in crops]
+
+            def crop_term(batch: list[torch.Tensor], target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                """Σ_c [CE(c, k1) + CE(c, k2)] / K. All crops share one forward, as published
+                (this sets the heads' BatchNorm statistics)."""
+                queries = self._query(torch.cat(batch)).chunk(len(batch))
+                return sum(contrast(q, k, *target) for q in queries for k in (k1, k2)) / len(batch)
+
+            terms["multi"] = crop_term(crops, targets.source)
+            terms["multi_mix"] = crop_term(mixed_crops, targets.mix)
+        terms["loss"] = sum(terms.values())
+        return terms

@@ -1,0 +1,65 @@
+"""Shared test fixtures: the real images in ../shared/data (tests that need them are skipped, with the
+reason, when the folder is absent) and small extracted subsets of them, made once per session."""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# CI clones the repository next to shared/, so the data is found relative to the repository root.
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    """A file of the shared test data; skips the test when it is not there."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} not found: this test needs the shared test data (shared/data/{name}, "
+                    f"see shared/data/README.md) in a folder next to the repository")
+    return path
+
+
+def extract(tar_path: Path, dest: Path, keep: Callable[[str], bool]) -> list[Path]:
+    """Extract the regular files of `tar_path` whose member names `keep` accepts into `dest`."""
+    written = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if member.isfile() and keep(member.name):
+                path = dest / member.name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(tar.extractfile(member).read())
+                written.append(path)
+    return written
+
+
+@pytest.fixture(scope="session")
+def cifar10_tar() -> Path:
+    """shared/data/cifar10-jpeg.tar: 32x32 CIFAR-10 JPEGs as train/<class>/NNNN.jpg and test/<class>/NNNN.jpg."""
+    return shared_file("cifar10-jpeg.tar")
+
+
+@pytest.fixture(scope="session")
+def imagenet_tar() -> Path:
+    """shared/data/imagenet-sample.tar: 1,000 full-size ImageNet JPEGs as train/<wnid>/<wnid>_<name>.JPEG."""
+    return shared_file("imagenet-sample.tar")
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(cifar10_tar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CIFAR-10 image folder (read-only by convention): train/<class>/ with the first 30 JPEGs of
+    each class and test/<class>/ with the first 5 (300 + 50 images)."""
+    root = tmp_path_factory.mktemp("cifar-folder")
+    per_split = {"train": 30, "test": 5}
+    extract(cifar10_tar, root, lambda name: int(Path(name).stem) < per_split[name.split("/")[0]])
+    return root
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample(imagenet_tar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole ImageNet sample extracted (read-only by convention): train/<wnid>/*.JPEG, one per class."""
+    root = tmp_path_factory.mktemp("imagenet-sample")
+    extract(imagenet_tar, root, lambda name: True)
+    return root

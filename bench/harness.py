@@ -21,7 +21,7 @@ def synchronize(device: str | None = None) -> None:
 
 
 def measure(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 10, device: str | None = None) -> dict:
-    """Run `fn` `warmup` times untimed, then `repeats` times timed; return median/min/max seconds."""
+    """Run `fn` `warmup` times untimed, then `repeats` times timed; return median/min/max/total seconds."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -31,7 +31,8 @@ def measure(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 10, device
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "total_s": sum(times),
+            "repeats": repeats}
 
 
 def _cpu_name() -> str:

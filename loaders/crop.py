@@ -1,0 +1,102 @@
+"""Batched random-resized crop of a device tensor (recipe §6), for data already on the device.
+
+Boxes are drawn like torchvision's `RandomResizedCrop.get_params` (10 attempts of an area in
+`scale·H·W` and a log-uniform aspect ratio, else the centre crop), vectorised over the batch.
+
+Resampling is PIL's antialiased bicubic (the published pipeline resizes PIL images), written as
+two batched matmuls `Wy · (image · Wxᵀ)` with per-sample weight matrices: PIL's cubic
+(a = −0.5), its support widened by the downscale factor, taps outside the box dropped and the
+rest renormalised. As in Pillow of the published code's era, the horizontal pass runs first and
+its result is clamped to [0, 1], as PIL clamps its intermediate uint8 image (newer Pillow, e.g.
+13.0, runs the vertical pass first when the height shrinks much more than the width). So it matches PIL to about
+1/255 (PIL rounds to uint8 twice) and, where nothing overshoots [0, 1], equals torchvision's
+`resized_crop(..., BICUBIC, antialias=True)` on float images.
+
+Why not `grid_sample` or `roi_align`: grid_sample's bicubic is a = −0.75 and never antialiases
+(a 400-px crop shrunk to 224 would alias); roi_align is bilinear. The dense matrices cost
+`B·S·(H+W)` floats and a matmul, cheap for the CIFAR-sized on-device data this is for.
+"""
+import math
+
+import torch
+
+from loaders.augment import ViewSpec
+
+
+def crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+               generator: torch.Generator, attempts: int = 10) -> torch.Tensor:
+    """`(B, 4)` int64 boxes `(top, left, height, width)` on `generator.device`, distributed as
+    torchvision's `RandomResizedCrop.get_params` draws them."""
+    options = dict(generator=generator, device=generator.device, dtype=torch.float64)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(batch, attempts, **options))
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(batch, attempts, **options)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # the first attempt that fits
+    fallback_h, fallback_w = _centre_crop_size(height, width, ratio)
+    found = fits.any(dim=1)
+    h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
+    w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)
+    corner = torch.rand(batch, 2, **options)
+    top = torch.where(found, (corner[:, 0] * (height - h + 1)).floor().clamp_max(height - h), (height - h) // 2)
+    left = torch.where(found, (corner[:, 1] * (width - w + 1)).floor().clamp_max(width - w), (width - w) // 2)
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def _centre_crop_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """torchvision's fallback: the largest centred box whose aspect ratio is clamped to `ratio`."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return int(round(width / min(ratio))), width
+    if in_ratio > max(ratio):
+        return height, int(round(height * max(ratio)))
+    return height, width
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each `(B, C, H, W)` image (uint8, or float in [0, 1]) to its box and resize it to
+    `size × size` with PIL's bicubic; returns float32 in [0, 1] (clamped, like PIL's uint8)."""
+    batch, channels, height, width = images.shape
+    top, left, box_h, box_w = boxes.to(images.device).unbind(dim=1)
+    rows = _bicubic_weights(top, box_h, height, size)
+    cols = _bicubic_weights(left, box_w, width, size)
+    if images.dtype == torch.uint8:
+        cols = cols / 255  # fold the uint8 -> [0, 1] scaling into the weights
+    # Horizontal pass first, clamped as PIL clamps its intermediate uint8 image; then vertical.
+    out = torch.bmm(images.to(torch.float32).reshape(batch, channels * height, width), cols.transpose(1, 2))
+    out = out.clamp_(0, 1).view(batch, channels, height, size)
+    return (rows[:, None] @ out).clamp_(0, 1)
+
+
+def random_resized_crop(images: torch.Tensor, spec: ViewSpec,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random-resized crop of every image per `spec`: float32 `(B, C, S, S)` in [0, 1] and the
+    `(B, 4)` boxes `(top, left, height, width)` they were cut from."""
+    height, width = images.shape[-2:]
+    boxes = crop_boxes(images.shape[0], height, width, spec.scale, spec.ratio, generator)
+    return resized_crop(images, boxes, spec.size), boxes
+
+
+def _bicubic_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """`(B, out_size, in_size)` resampling matrices of PIL's bicubic from `[start, start+length)`.
+
+    Output pixel `u` is centred at `(u + 0.5)·length/out_size` in box coordinates; input pixel
+    `x` at `x − start + 0.5`. When shrinking, the cubic is stretched by the scale (antialias).
+    """
+    scale = (length.to(torch.float32) / out_size)[:, None, None]
+    stretch = scale.clamp(min=1.0)
+    centre = (torch.arange(out_size, device=start.device) + 0.5)[None, :, None] * scale
+    position = (torch.arange(in_size, device=start.device) - start[:, None] + 0.5)[:, None, :]
+    inside = (position > 0) & (position < length[:, None, None])
+    weights = _cubic((position - centre) / stretch) * inside
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def _cubic(d: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """PIL's bicubic kernel (Keys, a = −0.5), zero beyond |d| = 2."""
+    d = d.abs()
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = (((d - 5) * d + 8) * d - 4) * a
+    return torch.where(d < 1, near, torch.where(d < 2, far, 0.0))

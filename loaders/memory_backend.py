@@ -1,0 +1,91 @@
+"""The whole split as one uint8 tensor on the device; every view made there, batched (CIFAR-sized data).
+
+No worker processes: a batch is an index into the resident tensor, then `random_resized_crop`
+and `augment` per view, with per-sample parameters drawn on the device from a generator
+seeded by `(seed, epoch, rank, batch)` — so any batch can be recomputed without the ones
+before it (exact mid-epoch resume).
+"""
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from loaders.augment import IMAGENET_MEAN, IMAGENET_STD, apply, draw_params, recipe_views
+from loaders.builder import Batch, LoaderSettings
+from loaders.crop import random_resized_crop
+from loaders.sampling import epoch_indices, num_batches
+from loaders.shards import ShardSamples, open_converted
+
+
+def load_split(samples: ShardSamples, workers: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every sample once: `(N, 3, H, W)` uint8 images and `(N,)` int64 labels.
+
+    All images must share one size (CIFAR, digits); larger, varied data belongs to ffcv/dali.
+    """
+    def decode(i: int) -> tuple[np.ndarray, int]:
+        image, label = samples.decode(i)
+        return np.asarray(image), label
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        decoded = list(pool.map(decode, range(len(samples)), chunksize=256))
+    shapes = {image.shape for image, _ in decoded}
+    if len(shapes) != 1:
+        raise ValueError(f"the memory backend needs images of one size; this split has {len(shapes)} sizes "
+                         f"(e.g. {sorted(shapes)[:3]}): use data.backend=ffcv or dali")
+    images = np.stack([image for image, _ in decoded]).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(images), np.array([label for _, label in decoded], dtype=np.int64)
+
+
+def eval_views(images: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Evaluation transform on a uint8 batch: bicubic resize of the short side to `size·256/224`,
+    centre crop, normalise (the batched twin of `torchvision_backend.eval_view`)."""
+    resized = TF.resize(images, [int(size * 256 / 224)], TF.InterpolationMode.BICUBIC, antialias=True)
+    x = TF.center_crop(resized, [size]).float() / 255
+    return TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD)).to(dtype)
+
+
+class MemoryLoader:
+    """Batches cut from a device-resident uint8 copy of the split."""
+
+    def __init__(self, settings: LoaderSettings) -> None:
+        data = settings.data
+        images, labels = load_split(ShardSamples(open_converted(data.root), settings.split), data.workers)
+        self.settings = settings
+        self.images = torch.from_numpy(images).to(settings.device)
+        self.labels = torch.from_numpy(labels).to(settings.device)
+        self.specs = recipe_views(data.image_size, data.global_scale, data.local_crops, data.local_size,
+                                  data.local_scale)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        s = self.settings
+        return num_batches(len(self.images), s.batch_size, train=s.train, rank=s.rank, world_size=s.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        s = self.settings
+        order = epoch_indices(len(self.images), s.batch_size, train=s.train, seed=s.seed, epoch=self.epoch,
+                              rank=s.rank, world_size=s.world_size).to(s.device)
+        generator = torch.Generator(s.device)
+        for number, indices in enumerate(order.split(s.batch_size)):
+            images = self.images[indices]
+            if not s.train:
+                yield Batch([eval_views(images, s.data.image_size, s.dtype)], self.labels[indices], indices)
+                continue
+            generator.manual_seed(hash((s.seed, self.epoch, s.rank, number)) % 2**62)
+            views, params = [], []
+            for spec in self.specs:
+                crops, boxes = random_resized_crop(images, spec, generator)
+                drawn = draw_params(len(indices), spec, generator)
+                views.append(apply(crops, drawn, s.dtype))
+                params.append({"area": (boxes[:, 2] * boxes[:, 3]) / (images.shape[2] * images.shape[3]),
+                               **drawn.decisions()})
+            yield Batch(views, self.labels[indices], indices, params)
+
+
+def make_loader(settings: LoaderSettings) -> MemoryLoader:
+    return MemoryLoader(settings)

@@ -1,0 +1,69 @@
+"""Random access to the samples of a split's WebDataset shards, through their DALI index files.
+
+The torchvision and memory backends read the encoded images from here (they need neither FFCV
+nor DALI installed); sample `i` is the `i`-th sample of the shards in order, the same order as
+the split's `.beton` file and the manifest's counts.
+"""
+import bisect
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from loaders.manifest import IMAGE_EXT, LABEL_EXT, ConvertedDataset, open_dataset, parse_wds_index
+
+IMAGE_EXTS = tuple(IMAGE_EXT.split(";"))
+
+
+def open_converted(root: str | Path) -> ConvertedDataset:
+    """The converted dataset at `root` (= OUT/NAME, the folder holding manifest.json)."""
+    root = Path(root)
+    return open_dataset(root.parent, root.name)
+
+
+class ShardSamples:
+    """`len()` and `read(i) -> (encoded image bytes, label)` over one split's shards.
+
+    File descriptors are opened lazily and per process, so instances can be sent to DataLoader
+    workers; reads use `os.pread`, so threads can share them.
+    """
+
+    def __init__(self, dataset: ConvertedDataset, split: str) -> None:
+        tars, indexes = dataset.dali_files(split)
+        self.tars = tars
+        self.entries = [parse_wds_index(Path(index).read_text()) for index in indexes]
+        self.starts = np.cumsum([0] + [len(e) for e in self.entries]).tolist()
+        self._files: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}
+
+    def __del__(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+
+    def _component(self, shard: int, offset: int, size: int) -> bytes:
+        fd = self._files.get(shard)
+        if fd is None:
+            fd = self._files.setdefault(shard, os.open(self.tars[shard], os.O_RDONLY))
+        return os.pread(fd, size, offset)
+
+    def read(self, i: int) -> tuple[bytes, int]:
+        """The encoded image and the integer label of sample `i`."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range for a split of {len(self)}")
+        shard = bisect.bisect_right(self.starts, i) - 1
+        parts = {ext: (offset, size) for ext, offset, size, _ in self.entries[shard][i - self.starts[shard]]}
+        image_ext = next(ext for ext in IMAGE_EXTS if ext in parts)
+        label = int(self._component(shard, *parts[LABEL_EXT]).decode())
+        return self._component(shard, *parts[image_ext]), label
+
+    def decode(self, i: int) -> tuple[Image.Image, int]:
+        """Sample `i` as an RGB PIL image and its label."""
+        data, label = self.read(i)
+        return Image.open(io.BytesIO(data)).convert("RGB"), label

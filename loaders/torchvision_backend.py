@@ -1,0 +1,128 @@
+"""The published pipeline: PIL decoding and torchvision transforms in `DataLoader` workers (recipe §6).
+
+It is the benchmarks' baseline and the tests' semantic reference. Every random decision is
+made the way torchvision's `RandomResizedCrop`, `RandomApply`, `RandomGrayscale` and
+`RandomHorizontalFlip` make it, from torch's (and, for the blur sigma, Python's) RNG seeded
+per sample by `(seed, epoch, index)` — so results do not depend on which worker ran what —
+and is recorded so that `Batch.params` can report it.
+"""
+import random
+from collections.abc import Iterator
+
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from loaders.augment import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, ViewSpec, recipe_views
+from loaders.builder import Batch, LoaderSettings
+from loaders.sampling import epoch_indices, num_batches
+from loaders.shards import ShardSamples, open_converted
+
+_TO_TENSOR = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _chance(p: float) -> bool:
+    """torchvision's `RandomApply` coin: `p < torch.rand(1)` means skip."""
+    return p > 0 and bool(torch.rand(1) < p)
+
+
+def published_view(image: Image.Image, spec: ViewSpec) -> tuple[torch.Tensor, dict[str, float]]:
+    """One view the way the published code makes it, with its decisions recorded."""
+    top, left, height, width = T.RandomResizedCrop.get_params(image, list(spec.scale), list(spec.ratio))
+    area = height * width / (image.width * image.height)
+    image = TF.resized_crop(image, top, left, height, width, [spec.size, spec.size], T.InterpolationMode.BICUBIC)
+    decisions = {"area": area}
+    if decisions.setdefault("jitter", _chance(spec.jitter_prob)):
+        image = T.ColorJitter(*spec.jitter)(image)
+    if decisions.setdefault("grayscale", _chance(spec.grayscale_prob)):
+        image = TF.to_grayscale(image, num_output_channels=3)
+    if decisions.setdefault("blur", _chance(spec.blur_prob)):
+        image = image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*spec.blur_sigma)))
+    if decisions.setdefault("solarize", _chance(spec.solarize_prob)):
+        image = ImageOps.solarize(image, round(SOLARIZE_THRESHOLD * 255))
+    if decisions.setdefault("flip", _chance(spec.flip_prob)):
+        image = TF.hflip(image)
+    return _TO_TENSOR(image), decisions
+
+
+def eval_view(image: Image.Image, size: int) -> torch.Tensor:
+    """Evaluation transform (recipe §7): resize the short side to `size·256/224` (bicubic), centre crop."""
+    image = TF.resize(image, int(size * 256 / 224), T.InterpolationMode.BICUBIC)
+    return _TO_TENSOR(TF.center_crop(image, size))
+
+
+class _Views(Dataset):
+    """Item `(index, seed)`: the sample's views, label, index and decisions."""
+
+    def __init__(self, samples: ShardSamples, specs: list[ViewSpec], eval_size: int | None) -> None:
+        self.samples, self.specs, self.eval_size = samples, specs, eval_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        image, label = self.samples.decode(index)
+        if self.eval_size is not None:
+            return [eval_view(image, self.eval_size)], label, index, []
+        torch.manual_seed(seed)
+        random.seed(seed)
+        views, decisions = zip(*(published_view(image, spec) for spec in self.specs))
+        return list(views), label, index, list(decisions)
+
+
+class _EpochSampler(Sampler):
+    """This rank's `(index, per-sample seed)` pairs of the current epoch."""
+
+    def __init__(self, settings: LoaderSettings, num_samples: int) -> None:
+        self.settings, self.num_samples, self.epoch = settings, num_samples, 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        s = self.settings
+        indices = epoch_indices(self.num_samples, s.batch_size, train=s.train, seed=s.seed, epoch=self.epoch,
+                                rank=s.rank, world_size=s.world_size).tolist()
+        return iter((i, hash((s.seed, self.epoch, i)) % 2**62) for i in indices)
+
+    def __len__(self) -> int:
+        return len(epoch_indices(self.num_samples, self.settings.batch_size, train=self.settings.train,
+                                 rank=self.settings.rank, world_size=self.settings.world_size))
+
+
+class TorchvisionLoader:
+    """PIL + torchvision transforms in `data.workers` persistent `DataLoader` processes."""
+
+    def __init__(self, settings: LoaderSettings) -> None:
+        data = settings.data
+        samples = ShardSamples(open_converted(data.root), settings.split)
+        specs = recipe_views(data.image_size, data.global_scale, data.local_crops, data.local_size, data.local_scale)
+        self.settings = settings
+        self.sampler = _EpochSampler(settings, len(samples))
+        self.loader = DataLoader(
+            _Views(samples, specs, None if settings.train else data.image_size),
+            batch_size=settings.batch_size, sampler=self.sampler, drop_last=settings.train,
+            num_workers=data.workers, persistent_workers=data.workers > 0,
+            pin_memory=settings.device.type == "cuda",
+        )
+        self._length = num_batches(len(samples), settings.batch_size, train=settings.train, rank=settings.rank,
+                                   world_size=settings.world_size)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Order and augmentations both follow `(seed, epoch)`."""
+        self.sampler.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        s = self.settings
+        for views, labels, indices, decisions in self.loader:
+            yield Batch(views=[v.to(s.device, s.dtype, non_blocking=True) for v in views],
+                        labels=labels.to(s.device, non_blocking=True),
+                        indices=indices.to(s.device, non_blocking=True),
+                        params=[{k: v.to(s.device) for k, v in d.items()} for d in decisions])
+
+
+def make_loader(settings: LoaderSettings) -> TorchvisionLoader:
+    return TorchvisionLoader(settings)

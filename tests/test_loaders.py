@@ -1,0 +1,152 @@
+"""The loader contract, checked the same way for every backend on real converted CIFAR-10 images,
+and the recipe's augmentation statistics of each backend against the torchvision reference."""
+import importlib
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import convert_datasets
+from configs.schema import DataConfig
+from loaders.builder import build_loader
+from loaders.sampling import epoch_indices
+from loaders.shards import ShardSamples, open_converted
+from loaders.torchvision_backend import eval_view
+
+BACKENDS = ["memory", "torchvision", "ffcv", "dali"]
+BATCH = 32
+
+
+def require_backend(backend: str) -> None:
+    """Skip when the backend's module or its library is not installed (e.g. no DALI on a GPU image)."""
+    try:
+        importlib.import_module(f"loaders.{backend}_backend")
+    except ImportError as error:
+        pytest.skip(f"the {backend} backend is unavailable here: {error}")
+
+
+@pytest.fixture(scope="module")
+def cifar_root(cifar_folder, tmp_path_factory) -> str:
+    """The 300 + 50 CIFAR-10 JPEGs of `cifar_folder`, converted to both formats."""
+    out = tmp_path_factory.mktemp("converted")
+    assert convert_datasets.main(["imagefolder", "--source", str(cifar_folder), "--out", str(out),
+                                  "--name", "cifar", "--workers", "1"]) == 0
+    return str(out / "cifar")
+
+
+def data_config(root: str, backend: str, **overrides) -> DataConfig:
+    return replace(DataConfig(root=root, backend=backend, workers=2, image_size=32, global_scale=(0.1, 1.0),
+                              local_size=16), **overrides)
+
+
+def batches(loader, epoch: int = 0) -> list:
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_epoch_shapes_labels_and_order(backend, cifar_root):
+    require_backend(backend)
+    loader = build_loader(data_config(cifar_root, backend, local_crops=2), split="train", train=True,
+                          batch_size=BATCH, seed=3)
+    samples = ShardSamples(open_converted(cifar_root), "train")
+    got = batches(loader, epoch=1)
+    assert len(loader) == len(got) == 300 // BATCH
+    indices = torch.cat([b.indices.cpu() for b in got])
+    assert torch.equal(indices, epoch_indices(300, BATCH, train=True, seed=3, epoch=1))
+    for batch in got:
+        assert [tuple(v.shape) for v in batch.views] == [(BATCH, 3, 32, 32)] * 2 + [(BATCH, 3, 16, 16)] * 2
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in batch.views)
+        assert batch.labels.tolist() == [samples.read(i)[1] for i in batch.indices.tolist()]
+        assert len(batch.params) == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_set_epoch_is_reproducible_and_changes_the_order(backend, cifar_root):
+    require_backend(backend)
+    loader = build_loader(data_config(cifar_root, backend), split="train", train=True, batch_size=BATCH, seed=0)
+    first, again, other = batches(loader, 2), batches(loader, 2), batches(loader, 3)
+    assert all(torch.equal(a.indices, b.indices) for a, b in zip(first, again))
+    assert all(torch.equal(va, vb) for a, b in zip(first, again) for va, vb in zip(a.views, b.views))
+    assert not torch.equal(first[0].indices, other[0].indices)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_are_disjoint_and_equal_in_training(backend, cifar_root):
+    require_backend(backend)
+    data = data_config(cifar_root, backend)
+    per_rank = [torch.cat([b.indices.cpu() for b in batches(
+        build_loader(data, split="train", train=True, batch_size=BATCH, rank=r, world_size=3))]) for r in range(3)]
+    assert [len(p) for p in per_rank] == [300 // (3 * BATCH) * BATCH] * 3
+    assert len(set(torch.cat(per_rank).tolist())) == sum(len(p) for p in per_rank)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_sees_every_sample_once_and_matches_torchvision(backend, cifar_root):
+    require_backend(backend)
+    data = data_config(cifar_root, backend)
+    samples = ShardSamples(open_converted(cifar_root), "val")
+    seen = []
+    for rank in range(2):
+        loader = build_loader(data, split="val", train=False, batch_size=16, rank=rank, world_size=2)
+        got = batches(loader)
+        assert len(got) == len(loader) == 2  # 25 samples per rank: 16 + 9, the last batch kept
+        for batch in got:
+            (view,) = batch.views
+            expected = torch.stack([eval_view(samples.decode(i)[0], 32) for i in batch.indices.tolist()])
+            # bicubic resampling differs slightly between PIL and tensor implementations
+            assert (view.cpu() - expected).abs().mean() < 0.03
+            assert batch.labels.tolist() == [samples.read(i)[1] for i in batch.indices.tolist()]
+            seen += batch.indices.tolist()
+    assert sorted(seen) == list(range(50))
+
+
+def collect(backend: str, root: str, epochs: int) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """Per view: the concatenated decisions of `epochs` epochs, and the channel mean/std of the views."""
+    loader = build_loader(data_config(root, backend), split="train", train=True, batch_size=BATCH, seed=11)
+    decisions: list[dict[str, list]] = [{}, {}]
+    moments: list[list[torch.Tensor]] = [[], []]
+    for epoch in range(epochs):
+        for batch in batches(loader, epoch):
+            for v, (view, params) in enumerate(zip(batch.views, batch.params)):
+                for key, value in params.items():
+                    decisions[v].setdefault(key, []).append(value.cpu().float())
+                moments[v].append(torch.stack([view.mean(dim=(0, 2, 3)), view.std(dim=(0, 2, 3))]).cpu())
+    stats = [{k: torch.cat(v) for k, v in d.items()} for d in decisions]
+    return stats, [torch.stack(m).mean(0) for m in moments]
+
+
+def assert_rate(values: torch.Tensor, p: float, name: str) -> None:
+    """The observed rate is within 5 binomial standard deviations of `p`."""
+    n = len(values)
+    tolerance = 5 * math.sqrt(max(p * (1 - p), 1e-12) / n) + 1e-9
+    assert abs(values.mean().item() - p) <= tolerance, f"{name}: {values.mean().item():.3f} vs {p} (n={n})"
+
+
+@pytest.fixture(scope="module")
+def reference_stats(cifar_root):
+    """The torchvision reference's decisions and view moments over 4 epochs."""
+    return collect("torchvision", cifar_root, epochs=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_augmentation_statistics_follow_the_recipe_and_the_reference(backend, cifar_root, reference_stats):
+    require_backend(backend)
+    stats, moments = collect(backend, cifar_root, epochs=8)  # 8 × 288 = 2304 samples per view
+    reference, reference_moments = reference_stats
+    expected = [{"jitter": 0.8, "grayscale": 0.2, "blur": 1.0, "solarize": 0.0, "flip": 0.5},
+                {"jitter": 0.8, "grayscale": 0.2, "blur": 0.1, "solarize": 0.2, "flip": 0.5}]
+    for view, rates in enumerate(expected):
+        params = stats[view]
+        for key, p in rates.items():
+            assert_rate(params[key], p, f"view {view + 1} {key}")
+        area = params["area"]
+        assert area.min() >= 0.1 - 0.02 and area.max() <= 1.0  # scale (0.1, 1), up to pixel rounding
+        # torchvision rejects boxes that do not fit, so the area is not uniform: compare with it
+        assert abs(area.mean() - reference[view]["area"].mean()) < 0.04
+        assert abs(area.std() - reference[view]["area"].std()) < 0.04
+        # normalised views: per-channel mean/std agree with the reference
+        assert torch.allclose(moments[view], reference_moments[view], atol=0.1), (moments[view], reference_moments[view])
+    assert moments[0][0].abs().max() < 0.5 and (moments[0][1] - 1).abs().max() < 0.35

@@ -1,4 +1,4 @@
-"""Throughput benchmarks: `python bench.py {kernel,convert,loader} [options] [--json FILE]`.
+"""Throughput benchmarks: `python bench.py {kernel,convert,loader,step} [options] [--json FILE]`.
 
 Each benchmark times our implementation against its baseline in the same run and reports the
 ratio, so numbers stay comparable across noisy machines. See docs/benchmarks.md.
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "kernel": "bench.kernel",
     "convert": "bench.convert",
     "loader": "bench.loader",
+    "step": "bench.step",
 }
 
 

@@ -16,6 +16,8 @@ ARCHS: dict[str, dict[str, int]] = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=12),  # MoCo v3's 12 heads, not timm's 6
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    # Not a published setting: a 4-block ViT for smoke tests and the CPU demo.
+    "vit_mini": dict(embed_dim=128, depth=4, num_heads=4),
 }
 
 

@@ -1,0 +1,1 @@
+"""The pieces `train.py` is made of: schedules, distributed set-up, checkpoints, logging."""

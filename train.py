@@ -7,6 +7,7 @@ Restarting the same command resumes from OUTPUT_DIR/last.pt, bit for bit. SIGTER
 `last.pt` after the current step and exit.
 """
 import argparse
+import json
 import signal
 import sys
 import time
@@ -215,6 +216,10 @@ def train(config: Config) -> int:
         last_save = time.monotonic()
     if monitor:
         monitor.close()
+        seen = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+        if seen:
+            rate = sum(r["images_per_s"] for r in seen) / len(seen)
+            print(f"trained to step {step}/{total_steps}; throughput {rate:.1f} images/s (mean over logged windows)")
     if stopping and main_rank:
         print(f"stopped by signal at step {step}; {last_path} written, rerun the same command to resume")
     if process.world_size > 1:

@@ -57,7 +57,10 @@ def chunk_rows(num_train: int, num_classes: int, max_k: int, memory_budget_gb: f
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, num_classes: int, ks: tuple[int, ...] = KS,
                  temperature: float = TEMPERATURE, memory_budget_gb: float = 1.0) -> dict[int, tuple[float, float]]:
-    """Top-1 / top-5 accuracy (%) of the weighted kNN vote for each k (k capped at the train size)."""
+    """Top-1 / top-5 accuracy (%) of the weighted kNN vote for each k (k capped at the train size).
+
+    A prediction counts for top-5 when the true class is among the 5 most voted and got a vote.
+    """
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
     max_k = min(max(ks), len(train))
@@ -73,7 +76,9 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
             votes = torch.zeros(len(truth), num_classes, device=test.device)
             votes.scatter_add_(1, neighbour_labels[:, :used], weights[:, :used])
             ranked = votes.topk(min(5, num_classes), dim=1).indices
-            correct[k] += torch.stack([(ranked[:, :1] == truth).any(1).sum(), (ranked == truth).any(1).sum()])
+            voted = votes.gather(1, truth)[:, 0] > 0  # a class no neighbour voted for is never a hit
+            top5 = (ranked == truth).any(1) & voted
+            correct[k] += torch.stack([(ranked[:, 0] == truth[:, 0]).sum(), top5.sum()])
     return {k: tuple((100 * c / len(test)).tolist()) for k, c in correct.items()}
 
 

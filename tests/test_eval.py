@@ -1,0 +1,135 @@
+"""eval.py: kNN against hand-computed and brute-force references, weights formats, timm export."""
+import json
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import eval as eval_cli
+from evaluation.knn import chunk_rows, knn_classify
+from evaluation.weights import export_encoder, load_encoder
+from model.vit import ARCHS, create_vit
+
+
+def test_knn_on_a_hand_computed_example():
+    # Two train points per class on the unit circle; the test point at 10° sits next to class 0's 0°.
+    angles = torch.tensor([0.0, 20.0, 90.0, 180.0])
+    train = torch.stack([torch.cos(angles * math.pi / 180), torch.sin(angles * math.pi / 180)], 1)
+    labels = torch.tensor([0, 0, 1, 2])
+    test = torch.tensor([[math.cos(math.pi / 18), math.sin(math.pi / 18)]])
+    # k = 1: nearest is 0° or 20° (both cos 10°): class 0. k = 3 adds 90° (class 1, cos 80°):
+    # votes class 0: 2·exp(cos10°/0.07), class 1: exp(cos80°/0.07): class 0 wins, class 1 second.
+    result = knn_classify(train, labels, test, torch.tensor([1]), num_classes=3, ks=(1, 3))
+    assert result[1] == (0.0, 0.0)  # k = 1: only class 0 got a vote
+    assert result[3] == (0.0, 100.0)  # k = 3: class 1 is second
+    result = knn_classify(train, labels, test, torch.tensor([0]), num_classes=3, ks=(1, 3, 200))
+    assert result == {1: (100.0, 100.0), 3: (100.0, 100.0), 200: (100.0, 100.0)}
+
+
+def brute_force(train, train_labels, test, test_labels, num_classes, k, temperature):
+    """Every test row against every train row, votes by a Python loop."""
+    train, test = F.normalize(train.double(), dim=1), F.normalize(test.double(), dim=1)
+    top1 = top5 = 0
+    for row, truth in zip(test, test_labels.tolist()):
+        similarity = train @ row
+        order = similarity.argsort(descending=True)[:k]
+        votes = torch.zeros(num_classes, dtype=torch.double)
+        for j in order.tolist():
+            votes[train_labels[j]] += math.exp(similarity[j].item() / temperature)
+        ranked = votes.argsort(descending=True).tolist()
+        top1 += ranked[0] == truth
+        top5 += bool(truth in ranked[:5] and votes[truth] > 0)
+    return 100 * top1 / len(test), 100 * top5 / len(test)
+
+
+@pytest.mark.parametrize("num_test, budget_gb", [(37, 1.0), (300, 64 * 2**-30 * (500 + 3 * 200 + 2 * 10))])
+def test_knn_matches_brute_force(num_test, budget_gb):
+    gen = torch.Generator().manual_seed(num_test)
+    centres = torch.randn(10, 16, generator=gen)
+    train_labels = torch.randint(0, 10, (500,), generator=gen)
+    test_labels = torch.randint(0, 10, (num_test,), generator=gen)
+    train = centres[train_labels] + 1.5 * torch.randn(500, 16, generator=gen)
+    test = centres[test_labels] + 1.5 * torch.randn(num_test, 16, generator=gen)
+    if num_test == 300:
+        assert chunk_rows(500, 10, 200, budget_gb) == 16  # the second case really runs in 19 chunks
+    result = knn_classify(train, train_labels, test, test_labels, 10, memory_budget_gb=budget_gb)
+    for k in (10, 20, 100, 200):
+        expected = brute_force(train, train_labels, test, test_labels, 10, k, 0.07)
+        assert result[k] == pytest.approx(expected, abs=1e-4), k  # one sample is >= 0.33 %
+
+
+def encoder_keys(encoder: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in encoder.state_dict().items()}
+
+
+@pytest.mark.parametrize("prefix, wrapper", [
+    ("module.momentum_encoder.", "state_dict"), ("momentum_encoder.", None), ("base_encoder.", "model"),
+])
+def test_released_checkpoint_formats(tmp_path, prefix, wrapper):
+    encoder = create_vit("vit_tiny", 32, 2)
+    state = encoder_keys(encoder, prefix)
+    state[f"{prefix}head.0.weight"] = torch.zeros(3, 3)  # the projector is dropped
+    if prefix != "base_encoder.":  # the base encoder is ignored when a momentum encoder is present
+        state.update(encoder_keys(create_vit("vit_tiny", 32, 2), "module.base_encoder." if "module" in prefix
+                                  else "base_encoder."))
+    path = tmp_path / "released.pth.tar"
+    torch.save({wrapper: state} if wrapper else state, path)
+    loaded, spec, _ = load_encoder(path)
+    assert (spec.arch, spec.img_size, spec.patch_size) == ("vit_tiny", 32, 2)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_unknown_checkpoint_is_a_clear_error(tmp_path):
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="no ViT encoder found"):
+        load_encoder(tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("arch, size, patch", [("vit_small", 224, 16), ("vit_tiny", 32, 2), ("vit_mini", 32, 8)])
+def test_export_round_trips_through_timm(tmp_path, arch, size, patch):
+    encoder = create_vit(arch, size, patch).eval()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {**encoder_keys(encoder, "momentum."), **encoder_keys(create_vit(arch, size, patch), "base.")}},
+               path)
+    spec = export_encoder(path, tmp_path / "encoder.safetensors")
+    name, kwargs = spec.timm_args()
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    model.load_state_dict(load_file(tmp_path / "encoder.safetensors"), strict=True)
+    assert model.blocks[0].attn.num_heads == ARCHS[arch]["num_heads"]
+    x = torch.randn(2, 3, size, size)
+    assert torch.equal(model(x), encoder.forward_head(encoder.forward_features(x), pre_logits=True))
+
+
+def test_eval_cli_knn_and_export_on_a_trained_checkpoint(tmp_path, capsys):
+    encoder = create_vit("vit_mini", 32, 8)
+    torch.save({"model": encoder_keys(encoder, "momentum.")}, tmp_path / "w.pt")
+    assert eval_cli.main(["export", "--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "e.safetensors")]) == 0
+    assert "timm.create_model('vit_tiny_patch16_224'" in capsys.readouterr().out
+    assert eval_cli.main(["knn", "--weights", str(tmp_path / "w.pt")]) == 1
+    assert "data.root is required" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_knn_similarity_and_results_file_on_real_images(cifar_folder, tmp_path):
+    import convert_datasets
+
+    assert convert_datasets.main(["imagefolder", "--source", str(cifar_folder), "--out", str(tmp_path),
+                                  "--name", "cifar", "--workers", "1"]) == 0
+    torch.save({"momentum_encoder." + k: v for k, v in create_vit("vit_mini", 32, 8).state_dict().items()},
+               tmp_path / "released.pth")
+    args = ["--weights", str(tmp_path / "released.pth"), f"data.root={tmp_path / 'cifar'}", "data.backend=memory",
+            "data.image_size=32", f"cache_dir={tmp_path / 'cache'}"]
+    assert eval_cli.main(["knn", *args]) == 0
+    assert eval_cli.main(["knn", *args]) == 0  # second run reads the cached features
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    rows = [json.loads(line) for line in (tmp_path / "eval_results.jsonl").read_text().splitlines()]
+    assert [r["k"] for r in rows] == [10, 20, 100, 200] * 2
+    assert all(r["protocol"] == "knn" and 0 <= r["top1"] <= r["top5"] <= 100 for r in rows)
+    assert rows[:4] == rows[4:]
+    out = tmp_path / "picture.png"
+    assert eval_cli.main(["similarity", "--weights", str(tmp_path / "released.pth"), "--data", str(tmp_path / "cifar"),
+                          "--query", "3", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000

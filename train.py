@@ -33,7 +33,7 @@ from trainer.step import param_groups, set_schedule, train_step
 
 # Keys that may change when resuming a run; any other difference is an incompatible config.
 RESUMABLE_CHANGES = ("data.root", "data.backend", "data.workers", "compile", "log_every", "knn_every",
-                     "checkpoint.", "output_dir")
+                     "max_steps", "checkpoint.", "output_dir")
 
 
 class TrainingError(RuntimeError):
@@ -102,6 +102,8 @@ def train(config: Config) -> int:
                           dtype=torch.bfloat16 if use_bf16 else torch.float32)
     steps_per_epoch = len(loader)
     total_steps = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
     optim = config.optim
     lr = optim.lr * config.batch_size / 256  # linear scaling rule
     lr_schedule = cosine_schedule(lr, optim.min_lr, config.epochs, steps_per_epoch, optim.warmup_epochs)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+MISSING = "???"  # OmegaConf's marker of a required value; omegaconf itself is imported where it is used, so
+# the dataclasses work on machines that have only torch (the GPU check).
 
 BACKENDS = ("auto", "ffcv", "dali", "memory", "torchvision")
 
@@ -85,6 +85,7 @@ class Config:
     compile: bool | None = None  # None: on for GPU, off for CPU
     log_every: int = 20
     knn_every: int = 0  # epochs between online kNN monitors (0 = off)
+    max_steps: int = 0  # stop after this many steps (0 = train all epochs); schedules still span `epochs`
 
 
 class ConfigError(ValueError):
@@ -94,8 +95,11 @@ class ConfigError(ValueError):
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type = Config) -> Any:
     """`schema`'s defaults (a dataclass; the pre-training `Config` by default), then the YAML at
     `path`, then `key.sub=value` overrides, validated."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
     try:
-        merged: DictConfig = OmegaConf.structured(schema)
+        merged = OmegaConf.structured(schema)
         if path is not None:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
@@ -127,9 +131,13 @@ def _check(config: Config) -> None:
 
 def to_yaml(config: Any) -> str:
     """The fully resolved config as YAML (printed at start, saved next to the checkpoints)."""
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
 def as_dict(config: Any) -> dict[str, Any]:
     """Plain nested dict (for checkpoints and JSON)."""
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_container(OmegaConf.structured(config))

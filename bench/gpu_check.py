@@ -1,0 +1,144 @@
+"""The GPU checks `bench/gpu_check.sh` runs: correctness on CUDA, then the numbers.
+
+Needs only torch, triton and timm (no FFCV, DALI, OmegaConf or pytest). Each check prints
+PASS/FAIL and the whole run writes `checks.json` into the results folder. `--device cpu`
+runs the same checks at toy sizes, to validate this script without a GPU.
+"""
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kernels.patchmix import patchmix  # noqa: E402
+from kernels.reference import patchmix_reference  # noqa: E402
+
+
+def check_kernel(device: str) -> dict:
+    """Triton kernel == multi-pass reference == torch backend, bit for bit, on the device."""
+    shapes = [(1, 3, 8, 8, 2), (5, 2, 9, 15, 3), (9, 4, 20, 5, 5), (256, 3, 224, 224, 16), (512, 3, 32, 32, 2)]
+    for batch, channels, height, width, patch in shapes if device == "cuda" else shapes[:3]:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            images = torch.randn(batch, channels, height, width, device=device).to(dtype)
+            num_patches = (height // patch) * (width // patch)
+            for num_mix in range(1, min(4, num_patches) + 1):
+                perm = torch.randperm(num_patches, device=device)
+                expected = patchmix_reference(images, patch, num_mix, perm)
+                for backend in ("triton", "torch"):
+                    mixed, _ = patchmix(images, patch, num_mix, perm=perm, backend=backend)
+                    if not torch.equal(mixed, expected):
+                        raise AssertionError(f"{backend} differs: shape {images.shape} {dtype} m={num_mix}")
+    return {"shapes": len(shapes)}
+
+
+def check_compile(device: str) -> dict:
+    """torch.compile(fullgraph=True) (inductor) through the custom op, no graph break."""
+    torch._dynamo.reset()
+    perm = torch.randperm(196, device=device)
+
+    def mix(x: torch.Tensor) -> torch.Tensor:
+        return patchmix(x * 2, 16, 2, perm=perm)[0]
+
+    x = torch.randn(8, 3, 224, 224, device=device)
+    compiled = torch.compile(mix, fullgraph=True)
+    if not torch.equal(compiled(x), patchmix_reference(x * 2, 16, 2, perm)):
+        raise AssertionError("compiled patchmix differs from the reference")
+    return {}
+
+
+def check_training(device: str) -> dict:
+    """A few bf16 + compiled PatchMix steps of each model size: finite loss, momentum moves."""
+    from model.framework import PatchMixFramework
+    from model.vit import create_vit
+    from trainer.step import param_groups, train_step
+
+    on_gpu = device == "cuda"
+    sizes = {"vit_tiny": 64, "vit_small": 64, "vit_base": 32} if on_gpu else {"vit_mini": 4}
+    timings = {}
+    for arch, batch in sizes.items():
+        size, patch = (224, 16) if on_gpu else (32, 8)
+        model = PatchMixFramework(create_vit(arch, size, patch, 0.1), mlp_dim=4096 if on_gpu else 64).to(device)
+        optimizer = torch.optim.AdamW(param_groups(model), lr=1e-4, fused=on_gpu)
+        step_model = torch.compile(model) if on_gpu else model
+        views = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)]
+        before = next(model.momentum.parameters()).detach().clone()
+        start = time.perf_counter()
+        for _ in range(3):
+            terms = train_step(step_model, model, optimizer, views, temperature=0.2, momentum=0.99, bf16=on_gpu)
+        loss = float(terms["loss"].detach())
+        if not np.isfinite(loss) or torch.equal(before, next(model.momentum.parameters())):
+            raise AssertionError(f"{arch}: loss {loss} or momentum encoder did not move")
+        timings[arch] = {"loss": loss, "seconds_3_steps_incl_compile": time.perf_counter() - start}
+        del model, optimizer, step_model
+    return timings
+
+
+def tiny_dataset(root: Path, count: int) -> Path:
+    """Random 32×32 images as an image folder, converted (DALI shards only: no FFCV needed)."""
+    import convert_datasets
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", count), ("val", count // 8)):
+        for i in range(n):
+            path = root / "source" / split / f"class{i % 10}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    if convert_datasets.main(["imagefolder", "--source", str(root / "source"), "--out", str(root), "--name", "tiny",
+                              "--formats", "dali", "--workers", "4"]) != 0:
+        raise AssertionError("conversion failed")
+    return root / "tiny"
+
+
+def check_memory_loader(device: str, data: Path) -> dict:
+    """The memory backend on the device: shapes, dtype, device, an epoch of batches."""
+    from configs.schema import DataConfig
+    from loaders.builder import build_loader
+
+    loader = build_loader(DataConfig(root=str(data), backend="memory", image_size=32, global_scale=(0.1, 1.0)),
+                          split="train", train=True, batch_size=64, device=device,
+                          dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    batches = list(loader)
+    views = batches[0].views
+    if len(batches) != len(loader) or views[0].device.type != device or views[0].shape != (64, 3, 32, 32):
+        raise AssertionError(f"unexpected batches: {len(batches)} vs {len(loader)}, {views[0].shape}")
+    return {"batches": len(batches)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = tiny_dataset(out / "data", 2048 if args.device == "cuda" else 128)
+    checks = {"kernel": lambda: check_kernel(args.device), "compile": lambda: check_compile(args.device),
+              "training": lambda: check_training(args.device),
+              "memory_loader": lambda: check_memory_loader(args.device, data)}
+    if args.device != "cuda":
+        checks.pop("compile")  # inductor on CPU is covered by the test suite
+    results = {}
+    for name, check in checks.items():
+        start = time.perf_counter()
+        try:
+            results[name] = {"ok": True, **check()}
+        except Exception as error:  # report every check, then fail at the end
+            results[name] = {"ok": False, "error": repr(error), "traceback": traceback.format_exc()}
+        results[name]["seconds"] = time.perf_counter() - start
+        print(f"{'PASS' if results[name]['ok'] else 'FAIL'} {name} ({results[name]['seconds']:.1f} s)", flush=True)
+    (out / "checks.json").write_text(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda"
+                                                 else "cpu", "torch": torch.__version__, "checks": results}, indent=2))
+    print(f"data for the loader benchmark: {data}")
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

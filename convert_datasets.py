@@ -24,12 +24,14 @@ import io
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import shutil
 import signal
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -388,9 +390,17 @@ def ordered_map(executor: ProcessPoolExecutor, fn: Callable[[list], list], items
         yield from results
 
 
-def ignore_sigint() -> None:
-    """Pool initializer: Ctrl-C is handled once, by the main process, which then stops the workers."""
+def init_worker() -> None:
+    """Worker initializer: leave Ctrl-C to the main process (which then stops the workers), and exit as soon
+    as the main process is gone (kill -9) instead of waiting for work forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    threading.Thread(target=exit_when_ready, args=(parent.sentinel,), daemon=True).start()
+
+
+def exit_when_ready(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -607,7 +617,7 @@ def convert(source: Source, layout: Layout, options: dict, args: argparse.Namesp
     results = {}
     # forkserver: workers start from a clean process, never a copy of a threaded one (DALI, numba, torch).
     executor = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("forkserver"),
-                                   initializer=ignore_sigint)
+                                   initializer=init_worker)
     try:
         for split in SPLITS:
             shard_dir = layout.dali_dir(split) if "dali" in formats else layout.partial / "shards" / split

@@ -14,6 +14,7 @@ Results are printed and appended as JSON lines to `eval_results.jsonl` next to t
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def run_trained_protocol(args: argparse.Namespace) -> None:
     _, _, extra = load_encoder(args.weights)
     config = load_protocol_config(args, schema, extra)
     result = run(config, args.weights, random_init=args.random_init)
-    if init_process().is_main:
+    if int(os.environ.get("RANK", 0)) == 0:  # the protocol has left the process group by now
         record(args.weights, {**result, "random_init": args.random_init})
 
 

@@ -21,7 +21,8 @@ class Process:
 
 
 def init_process() -> Process:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); plain `python` is one process."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1, once per process); plain
+    `python` is one process."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -30,7 +31,7 @@ def init_process() -> Process:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world_size > 1:
+    if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return Process(rank, local_rank, world_size, device)
 

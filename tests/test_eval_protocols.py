@@ -1,0 +1,306 @@
+"""Linear probe and fine-tuning (recipe §7) on CPU: configs, repeated augmentation, layer-wise lr
+decay, smoke runs on real images, the frozen-backbone check, resume, and torchrun DDP (gloo)."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import convert_datasets
+from configs.schema import ConfigError, load_config
+from evaluation import finetune, linear
+from evaluation.data import ImageLoader, finetune_train_transform, repeated_indices
+from evaluation.finetune import build_classifier, build_optimizer, run_finetune
+from evaluation.linear import ProtocolError, run_linear
+from evaluation.protocol_config import FinetuneConfig, LinearConfig
+from evaluation.weights import load_encoder
+from loaders.sampling import epoch_indices, num_batches
+from loaders.shards import ShardSamples, open_converted
+from model.vit import create_vit
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "eval"
+# The combinations the paper publishes (recipe §8).
+PUBLISHED = [("vit_small", "imagenet"), ("vit_base", "imagenet"),
+             *((arch, data) for data in ("cifar10", "cifar100") for arch in ("vit_tiny", "vit_small", "vit_base"))]
+# vit_mini on 32-px CIFAR images: 300 train images = 4 steps of 64, 50 val images.
+TINY = ["arch=vit_mini", "patch_size=8", "data.image_size=32", "data.workers=1", "batch_size=64"]
+STEPS_PER_EPOCH = 300 // 64
+RESULT_KEYS = {"protocol", "top1", "top5", "best_top1", "best_epoch", "epochs", "history"}
+
+
+class Killed(Exception):
+    """A simulated crash in the middle of a run."""
+
+
+@pytest.fixture(scope="module")
+def cifar_root(cifar_folder, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("eval-data")
+    assert convert_datasets.main(["imagefolder", "--source", str(cifar_folder), "--out", str(out), "--name", "cifar10",
+                                  "--workers", "1"]) == 0
+    return str(out / "cifar10")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    """A released-style checkpoint of a (random) vit_mini momentum encoder."""
+    torch.manual_seed(0)
+    encoder = create_vit("vit_mini", 32, 8)
+    path = tmp_path_factory.mktemp("weights") / "pretrained.pt"
+    torch.save({"state_dict": {f"module.momentum_encoder.{k}": v for k, v in encoder.state_dict().items()}}, path)
+    return str(path)
+
+
+def linear_config(root: str, output: Path, *overrides: str) -> LinearConfig:
+    return load_config(CONFIGS / "linear_vit_tiny_cifar10.yaml",
+                       [f"data.root={root}", f"output_dir={output}", *TINY, *overrides], schema=LinearConfig)
+
+
+def finetune_config(root: str, output: Path, *overrides: str) -> FinetuneConfig:
+    return load_config(CONFIGS / "finetune_vit_tiny_cifar10.yaml",
+                       [f"data.root={root}", f"output_dir={output}", *TINY, "warmup_epochs=1", *overrides],
+                       schema=FinetuneConfig)
+
+
+def check_result(result: dict, protocol: str, epochs: int, prefixes: tuple[str, ...] = ("",)) -> None:
+    assert result["protocol"] == protocol and result["epochs"] == epochs and len(result["history"]) == epochs
+    for prefix in prefixes:
+        assert {f"{prefix}{k}" for k in ("top1", "top5", "best_top1", "best_epoch")} <= result.keys()
+        for key in ("top1", "top5", "best_top1"):
+            assert 0 <= result[f"{prefix}{key}"] <= 100
+        assert result[f"{prefix}top1"] <= result[f"{prefix}top5"]
+        assert result[f"{prefix}best_top1"] == max(r[f"{prefix}top1"] for r in result["history"])
+        for key in ("top1", "top5"):  # 50 validation images, each counted once: multiples of 2 %
+            assert result[f"{prefix}{key}"] == pytest.approx(2 * round(result[f"{prefix}{key}"] / 2))
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("arch,data", PUBLISHED)
+def test_published_configs_equal_the_recipe(arch, data):
+    imagenet = data == "imagenet"
+    size, patch, batch = (224, 16, 1024) if imagenet else (32, 2, 256)
+    c = load_config(CONFIGS / f"linear_{arch}_{data}.yaml", schema=LinearConfig)
+    assert (c.arch, c.patch_size, c.data.image_size, c.data.root) == (arch, patch, size, f"datasets/{data}")
+    assert (c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay) == (100, batch, 0.02, 0.9, 0.0)
+    f = load_config(CONFIGS / f"finetune_{arch}_{data}.yaml", schema=FinetuneConfig)
+    assert (f.arch, f.patch_size, f.data.image_size, f.data.root) == (arch, patch, size, f"datasets/{data}")
+    assert (f.epochs, f.batch_size, f.lr, f.warmup_epochs, f.warmup_lr, f.min_lr) == (100, batch, 5e-4, 10, 1e-6, 1e-5)
+    assert (f.weight_decay, f.layer_decay, f.drop_path, f.ema_decay) == (0.05, 0.75, 0.1, 0.99996)
+    assert (f.auto_augment, f.re_prob, f.mixup, f.cutmix, f.smoothing) == ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
+    assert f.repeated_aug == 3 and f.crop_padding == (0 if imagenet else 4)
+
+
+def test_schema_defaults_are_the_recipe_and_keys_are_checked():
+    assert load_config(None, ["data.root=x"], schema=LinearConfig) == load_config(
+        CONFIGS / "linear_vit_small_imagenet.yaml", ["data.root=x", "arch=null", "patch_size=null", "data.image_size=null",
+                                                     "output_dir=runs/eval/linear"], schema=LinearConfig)
+    with pytest.raises(ConfigError, match=r"Key 'lrr' not in 'LinearConfig'. Did you mean: 'lr'\?"):
+        load_config(CONFIGS / "linear_vit_small_imagenet.yaml", ["lrr=0.1"], schema=LinearConfig)
+    with pytest.raises(ConfigError, match="data.root is required"):
+        load_config(None, [], schema=FinetuneConfig)
+
+
+# -------------------------------------------------------------------------------- repeated augmentation
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_repeated_augmentation_repeats_samples_across_disjoint_rank_positions(world_size):
+    num_samples, batch, repeats = 103, 4, 3
+    per_rank = [repeated_indices(num_samples, batch, repeats=repeats, seed=5, epoch=2, rank=r, world_size=world_size)
+                for r in range(world_size)]
+    # Epoch length unchanged: as many full batches per rank as plain training.
+    plain = num_batches(num_samples, batch, train=True, world_size=world_size) * batch
+    assert all(len(indices) == plain for indices in per_rank)
+    # Ranks take disjoint positions r, r + W, ... of one global sequence: the shuffled order, each sample
+    # repeated `repeats` times in a row.
+    merged = torch.stack(per_rank, dim=1).flatten()
+    order = epoch_indices(num_samples, batch * world_size, train=True, seed=5, epoch=2)
+    assert torch.equal(merged, order.repeat_interleave(repeats)[: len(merged)])
+    counts = Counter(merged.tolist())
+    assert max(counts.values()) == repeats and sum(c != repeats for c in counts.values()) <= 1
+    assert len(counts) == -(-len(merged) // repeats)
+    if world_size >= repeats:  # the copies of a sample go to different ranks
+        for sample in counts:
+            assert sum(sample in indices.tolist() for indices in per_rank) == counts[sample]
+    other_epoch = repeated_indices(num_samples, batch, repeats=repeats, seed=5, epoch=3, world_size=world_size)
+    assert not torch.equal(other_epoch, per_rank[0])
+
+
+def test_repeated_copies_get_their_own_augmentation(cifar_root):
+    samples = ShardSamples(open_converted(cifar_root), "train")
+    loader = ImageLoader(samples, finetune_train_transform(32, "rand-m9-mstd0.5-inc1", 0.25, 4), batch_size=6,
+                         train=True, workers=0, device=torch.device("cpu"), repeats=3)
+    images, labels = next(iter(loader))
+    assert len(loader) == 300 // 6 and images.shape == (6, 3, 32, 32)
+    assert labels[0] == labels[1] == labels[2] and not torch.equal(images[0], images[1])
+    again, _ = next(iter(loader))
+    assert torch.equal(images, again)  # seeded per (seed, epoch, rank, position)
+
+
+def test_randaugment_posterize_survives_magnitude_10():
+    """timm 1.0.31 asks Pillow for 0 bits at magnitude 10, which Pillow 13 rejects."""
+    transform = finetune_train_transform(32, "rand-m10-n15-inc1", 0.0)  # all 15 ops, each at magnitude 10
+    for op in transform.transforms[2].ops:
+        op.prob = 1.0
+    assert transform(Image.new("RGB", (32, 32), (200, 100, 50))).shape == (3, 32, 32)
+
+
+# ------------------------------------------------------------------------------------ layer-wise decay
+
+def test_layer_decay_groups_scale_lr_by_depth():
+    model = create_vit("vit_mini", 32, 8)
+    model.reset_classifier(10)
+    depth = len(model.blocks)
+    config = load_config(None, ["data.root=x"], schema=FinetuneConfig)
+    optimizer = build_optimizer(model, config, lr=1e-3)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+    def layer_id(name: str) -> int:
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        # timm's ViT group_matcher puts the final norm with the last block (MAE/BEiT give it the head's)
+        return depth if name.startswith("norm.") else depth + 1
+
+    names = dict(model.named_parameters())
+    assert len(group_of) == len(names)
+    for name, param in names.items():
+        group = group_of[id(param)]
+        assert group["lr_scale"] == pytest.approx(0.75 ** (depth + 1 - layer_id(name))), name
+        no_decay = param.ndim <= 1 or name in ("cls_token", "pos_embed")
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+    linear.set_lr(optimizer, 2e-3)  # the schedule's value, scaled per group
+    assert all(g["lr"] == pytest.approx(2e-3 * g["lr_scale"]) for g in optimizer.param_groups)
+
+
+def test_classifier_has_the_encoder_weights_and_drop_path(weights):
+    encoder, spec, _ = load_encoder(weights)
+    model = build_classifier(encoder, spec, 10, drop_path=0.1)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in encoder.state_dict().items())
+    assert model.head.out_features == 10
+    # stochastic depth rising linearly to 0.1 over the 4 blocks (the first has none)
+    assert [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks] == pytest.approx([0, 0.1 / 3, 0.2 / 3, 0.1])
+
+
+# ---------------------------------------------------------------------------------------- linear probe
+
+def test_linear_probe_trains_a_head_on_a_frozen_backbone(cifar_root, weights, tmp_path):
+    result = run_linear(linear_config(cifar_root, tmp_path, "epochs=2"), weights)
+    check_result(result, "linear", 2)
+    assert result["backbone_unchanged"] is True
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert set(state["modules"]) == {"head"} and state["modules"]["head"]["weight"].shape == (10, 128)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_linear_probe_detects_a_changed_backbone(cifar_root, weights, tmp_path, monkeypatch):
+    def bad_step(probe, *args):
+        loss = good_step(probe, *args)
+        with torch.no_grad():
+            probe.backbone.blocks[0].norm1.weight.add_(1e-3)
+        return loss
+
+    good_step = linear.linear_step
+    monkeypatch.setattr(linear, "linear_step", bad_step)
+    with pytest.raises(ProtocolError, match=r"backbone changed .* blocks\.0\.norm1\.weight"):
+        run_linear(linear_config(cifar_root, tmp_path, "epochs=1"), weights)
+
+
+def crash_after(module, name: str, monkeypatch, steps: int) -> None:
+    """Make `module.name` (a step function) raise `Killed` on call number `steps + 1`."""
+    original, calls = getattr(module, name), []
+
+    def step(*args):
+        if len(calls) == steps:
+            raise Killed
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(module, name, step)
+
+
+def test_linear_probe_resumes_exactly_and_extends(cifar_root, weights, tmp_path, monkeypatch):
+    straight = run_linear(linear_config(cifar_root, tmp_path / "straight", "epochs=2"), weights)
+    with monkeypatch.context() as patch:
+        crash_after(linear, "linear_step", patch, STEPS_PER_EPOCH + 2)  # killed in the middle of epoch 2
+        with pytest.raises(Killed):
+            run_linear(linear_config(cifar_root, tmp_path / "killed", "epochs=2"), weights)
+    assert len(torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["history"]) == 1
+    resumed = run_linear(linear_config(cifar_root, tmp_path / "killed", "epochs=2", "data.workers=0"), weights)
+    assert resumed == straight
+
+    # A finished 1-epoch run continued to 2 epochs (on the 2-epoch schedule from there on).
+    one = run_linear(linear_config(cifar_root, tmp_path / "extended", "epochs=1"), weights)
+    extended = run_linear(linear_config(cifar_root, tmp_path / "extended", "epochs=2"), weights)
+    assert extended["epochs"] == 2 and extended["history"][0] == one["history"][0]
+
+    with pytest.raises(ProtocolError, match=r"differs in: lr"):
+        run_linear(linear_config(cifar_root, tmp_path / "extended", "epochs=3", "lr=0.1"), weights)
+    with pytest.raises(ProtocolError, match=r"differs in: random_init"):
+        run_linear(linear_config(cifar_root, tmp_path / "extended", "epochs=3"), weights, random_init=True)
+
+
+def test_config_must_match_the_weights(cifar_root, weights, tmp_path):
+    with pytest.raises(ProtocolError, match=r"expects arch='vit_small' .* vit_mini"):
+        run_linear(linear_config(cifar_root, tmp_path, "arch=vit_small"), weights)
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+
+def test_finetune_reports_model_and_ema(cifar_root, weights, tmp_path):
+    result = run_finetune(finetune_config(cifar_root, tmp_path, "epochs=1"), weights)
+    check_result(result, "finetune", 1, prefixes=("", "ema_"))
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert set(state["modules"]) == {"model", "ema"} and state["modules"]["model"]["head.weight"].shape == (10, 128)
+
+
+@pytest.mark.slow
+def test_finetune_resumes_exactly(cifar_root, weights, tmp_path, monkeypatch):
+    straight = run_finetune(finetune_config(cifar_root, tmp_path / "straight", "epochs=2"), weights)
+    with monkeypatch.context() as patch:
+        crash_after(finetune, "finetune_step", patch, STEPS_PER_EPOCH + 1)
+        with pytest.raises(Killed):
+            run_finetune(finetune_config(cifar_root, tmp_path / "killed", "epochs=2"), weights)
+    assert run_finetune(finetune_config(cifar_root, tmp_path / "killed", "epochs=2"), weights) == straight
+
+
+# --------------------------------------------------------------------------------------- torchrun + DDP
+
+DDP_SCRIPT = """
+import json, sys
+from configs.schema import load_config
+from evaluation.finetune import run_finetune
+from evaluation.linear import run_linear
+from evaluation.protocol_config import FinetuneConfig, LinearConfig
+protocol, config_dir, root, out, weights = sys.argv[1:6]
+schema, run = {"linear": (LinearConfig, run_linear), "finetune": (FinetuneConfig, run_finetune)}[protocol]
+overrides = [f"data.root={root}", f"output_dir={out}", "arch=vit_mini", "patch_size=8", "data.image_size=32",
+             "data.workers=0", "batch_size=64", "epochs=1", *(["warmup_epochs=1"] if protocol == "finetune" else [])]
+result = run(load_config(f"{config_dir}/{protocol}_vit_tiny_cifar10.yaml", overrides, schema=schema), weights)
+print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "history"}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol,port", [("linear", 29517), ("finetune", 29518)])
+def test_protocols_under_torchrun_ddp(protocol, port, cifar_root, weights, tmp_path):
+    """One protocol per torchrun job, as eval.py runs them: DDP over gloo, every rank the same result."""
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(DDP_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script), protocol, str(CONFIGS), cifar_root, str(tmp_path / "out"), weights]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    per_rank = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(per_rank) == 2 and per_rank[0] == per_rank[1]  # all-reduced accuracies: identical on every rank
+    assert per_rank[0]["protocol"] == protocol and per_rank[0]["epochs"] == 1
+    assert all(0 <= per_rank[0][k] <= 100 for k in ("top1", "top5"))
+    assert (tmp_path / "out" / "last.pt").is_file()

@@ -63,3 +63,14 @@ def imagenet_sample(imagenet_tar: Path, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("imagenet-sample")
     extract(imagenet_tar, root, lambda name: True)
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(cifar_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`cifar_folder` converted once to both formats (read-only by convention): DIR/cifar10."""
+    import convert_datasets
+
+    out = tmp_path_factory.mktemp("converted")
+    assert convert_datasets.main(["imagefolder", "--source", str(cifar_folder), "--out", str(out), "--name", "cifar10",
+                                  "--workers", "1"]) == 0
+    return str(out / "cifar10")

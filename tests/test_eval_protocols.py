@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-import convert_datasets
 from configs.schema import ConfigError, load_config
 from evaluation import finetune, linear
 from evaluation.data import ImageLoader, finetune_train_transform, repeated_indices
@@ -36,14 +35,6 @@ RESULT_KEYS = {"protocol", "top1", "top5", "best_top1", "best_epoch", "epochs", 
 
 class Killed(Exception):
     """A simulated crash in the middle of a run."""
-
-
-@pytest.fixture(scope="module")
-def cifar_root(cifar_folder, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("eval-data")
-    assert convert_datasets.main(["imagefolder", "--source", str(cifar_folder), "--out", str(out), "--name", "cifar10",
-                                  "--workers", "1"]) == 0
-    return str(out / "cifar10")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-import convert_datasets
 from configs.schema import DataConfig
 from loaders.builder import build_loader
 from loaders.sampling import epoch_indices
@@ -24,15 +23,6 @@ def require_backend(backend: str) -> None:
         importlib.import_module(f"loaders.{backend}_backend")
     except ImportError as error:
         pytest.skip(f"the {backend} backend is unavailable here: {error}")
-
-
-@pytest.fixture(scope="module")
-def cifar_root(cifar_folder, tmp_path_factory) -> str:
-    """The 300 + 50 CIFAR-10 JPEGs of `cifar_folder`, converted to both formats."""
-    out = tmp_path_factory.mktemp("converted")
-    assert convert_datasets.main(["imagefolder", "--source", str(cifar_folder), "--out", str(out),
-                                  "--name", "cifar", "--workers", "1"]) == 0
-    return str(out / "cifar")
 
 
 def data_config(root: str, backend: str, **overrides) -> DataConfig:

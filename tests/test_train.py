@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import convert_datasets
 from configs.schema import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,14 +48,6 @@ def test_misspelt_and_mistyped_keys_are_named():
         load_config(REPO / "configs" / "smoke.yaml", ["epochs=many"])
     with pytest.raises(ConfigError, match="data.backend must be one of"):
         load_config(REPO / "configs" / "smoke.yaml", ["data.backend=pil"])
-
-
-@pytest.fixture(scope="module")
-def cifar_root(cifar_folder, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("train-data")
-    assert convert_datasets.main(["imagefolder", "--source", str(cifar_folder), "--out", str(out), "--name", "cifar",
-                                  "--workers", "1"]) == 0
-    return str(out / "cifar")
 
 
 def train_command(root: str, output: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> list[str]:

@@ -42,16 +42,17 @@ test-fast: setup
 DATA ?=
 DATASET ?= digits
 DEMO_OUT ?= runs/demo
+DATASETS ?= datasets
 demo: setup
 	@set -e; \
 	if [ -n "$(DATA)" ]; then \
-		$(PY) convert_datasets.py imagefolder --source "$(DATA)" --out datasets --name demo-data; \
-		root=datasets/demo-data; backend=torchvision; \
+		$(PY) convert_datasets.py imagefolder --source "$(DATA)" --out $(DATASETS) --name demo-data; \
+		root=$(DATASETS)/demo-data; backend=torchvision; \
 	elif [ "$(DATASET)" = cifar10 ]; then \
-		$(PY) convert_datasets.py cifar10 --source datasets/cifar10-release --download --out datasets; \
-		root=datasets/cifar10; backend=memory; \
+		$(PY) convert_datasets.py cifar10 --source $(DATASETS)/cifar10-release --download --out $(DATASETS); \
+		root=$(DATASETS)/cifar10; backend=memory; \
 	else \
-		$(PY) convert_datasets.py digits --out datasets; root=datasets/digits; backend=memory; \
+		$(PY) convert_datasets.py digits --out $(DATASETS); root=$(DATASETS)/digits; backend=memory; \
 	fi; \
 	$(PY) train.py --config configs/demo.yaml data.root=$$root data.backend=$$backend output_dir=$(DEMO_OUT); \
 	$(PY) eval.py knn --weights $(DEMO_OUT)/last.pt --compare-random

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare(kind: str, cache: Path, replicate: int) -> Path:
-    """Convert the shared ImageNet sample (as `replicate` copies, the last 50 images held out) or CIFAR-10."""
+    """Convert the shared ImageNet sample (`replicate` copies in train, every 20th image also in val) or CIFAR-10."""
     name = f"imagenet-x{replicate}" if kind == "imagenet" else "cifar10"
     root = cache / name
     if (root / "manifest.json").is_file():
@@ -50,11 +50,11 @@ def prepare(kind: str, cache: Path, replicate: int) -> Path:
         for number, member in enumerate(members):
             data = tar.extractfile(member).read()
             split, cls, filename = Path(member.name).parts[-3:]
-            copies = range(replicate) if kind == "imagenet" else [0]
+            targets = [(split, copy) for copy in (range(replicate) if kind == "imagenet" else [0])]
             if kind == "imagenet" and number % 20 == 0:
-                split, copies = "val", [0]
-            for copy in copies:
-                path = folder / split / cls / f"{copy}_{filename}"
+                targets.append(("val", 0))  # a small held-out split (the sample has train/ only)
+            for target_split, copy in targets:
+                path = folder / target_split / cls / f"{copy}_{filename}"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
     if convert_datasets.main(["imagefolder", "--source", str(folder), "--out", str(cache), "--name", name]) != 0:

@@ -85,8 +85,8 @@ def test_eval_sees_every_sample_once_and_matches_torchvision(backend, cifar_root
         for batch in got:
             (view,) = batch.views
             expected = torch.stack([eval_view(samples.decode(i)[0], 32) for i in batch.indices.tolist()])
-            # bicubic resampling differs slightly between PIL and tensor implementations
-            assert (view.cpu() - expected).abs().mean() < 0.03
+            # ≈ 3/255 of a pixel on average: resampling kernels (FFCV: INTER_AREA) and JPEG decoders differ
+            assert (view.cpu() - expected).abs().mean() < 0.05
             assert batch.labels.tolist() == [samples.read(i)[1] for i in batch.indices.tolist()]
             seen += batch.indices.tolist()
     assert sorted(seen) == list(range(50))

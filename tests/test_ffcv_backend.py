@@ -1,0 +1,218 @@
+"""The `ffcv` backend (`loaders.ffcv_backend`) on real CIFAR-10 and ImageNet JPEGs converted to `.beton`:
+order, shards, labels, shapes, reproducibility, one decode per sample, crop areas, the recipe's rates,
+the evaluation transform against torchvision's, and flat memory over epochs. CPU only."""
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ffcv")
+
+import convert_datasets  # noqa: E402
+import loaders.ffcv_backend as ffcv_backend  # noqa: E402
+from configs.schema import DataConfig  # noqa: E402
+from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+from loaders.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from loaders.builder import Batch, build_loader  # noqa: E402
+from loaders.sampling import epoch_indices  # noqa: E402
+from loaders.shards import ShardSamples, open_converted  # noqa: E402
+from loaders.torchvision_backend import eval_view  # noqa: E402
+
+CIFAR_BATCH = 16  # per rank: 300 samples, 2 ranks -> 9 batches each, 12 samples dropped
+SEED = 7
+PARAMS = ("jitter", "grayscale", "blur", "solarize", "flip")
+
+
+def convert(source: Path, out: Path, name: str) -> str:
+    assert convert_datasets.main(["imagefolder", "--source", str(source), "--out", str(out), "--name", name,
+                                  "--workers", "2"]) == 0
+    return str(out / name)
+
+
+def loader(root: str, *, train: bool = True, batch_size: int = CIFAR_BATCH, rank: int = 0, world_size: int = 1,
+           workers: int = 1, **data: object) -> ffcv_backend.FfcvLoader:
+    config = DataConfig(root=root, backend="ffcv", workers=workers, **data)
+    return build_loader(config, split="train" if train else "val", train=train, batch_size=batch_size, seed=SEED,
+                        rank=rank, world_size=world_size)
+
+
+def run_epoch(it: ffcv_backend.FfcvLoader, epoch: int, batches: int | None = None) -> list[Batch]:
+    it.set_epoch(epoch)
+    return [batch for _, batch in zip(range(batches or len(it)), it)]
+
+
+def labels_of(root: str, split: str) -> torch.Tensor:
+    samples = ShardSamples(open_converted(root), split)
+    return torch.tensor([samples.read(i)[1] for i in range(len(samples))])
+
+
+@pytest.fixture(scope="module")
+def cifar_root(cifar_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """300 + 50 CIFAR JPEGs, stored raw in the .beton (32x32)."""
+    return convert(cifar_folder, tmp_path_factory.mktemp("ffcv-cifar"), "cifar")
+
+
+@pytest.fixture(scope="module")
+def imagenet_root(imagenet_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """64 full-size ImageNet JPEGs for train and 16 of them for val, stored as JPEG in the .beton."""
+    folder = tmp_path_factory.mktemp("imagenet-folder")
+    for split, count in (("train", 64), ("val", 16)):
+        for class_dir in sorted((imagenet_sample / "train").iterdir())[:count]:
+            (folder / split / class_dir.name).mkdir(parents=True)
+            for image in class_dir.iterdir():
+                (folder / split / class_dir.name / image.name).symlink_to(image)
+    return convert(folder, tmp_path_factory.mktemp("ffcv-imagenet"), "imagenet")
+
+
+@pytest.fixture(scope="module")
+def cifar_ranks(cifar_root: str) -> list:
+    """Rank 0 and rank 1 of 2 over the CIFAR train split, 32-px views."""
+    return [loader(cifar_root, rank=rank, world_size=2, image_size=32, global_scale=(0.1, 1.0))
+            for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def cifar_epochs(cifar_ranks: list) -> dict[tuple[int, int], list[Batch]]:
+    """(rank, epoch) -> that epoch's batches, for epochs 0 and 1."""
+    return {(rank, epoch): run_epoch(it, epoch) for rank, it in enumerate(cifar_ranks) for epoch in (0, 1)}
+
+
+def test_train_batches_follow_epoch_indices_with_labels_and_shapes(cifar_root: str, cifar_ranks: list,
+                                                                    cifar_epochs: dict) -> None:
+    labels = labels_of(cifar_root, "train")
+    for (rank, epoch), batches in cifar_epochs.items():
+        assert len(batches) == len(cifar_ranks[rank]) == 300 // (2 * CIFAR_BATCH)
+        expected = epoch_indices(300, CIFAR_BATCH, train=True, seed=SEED, epoch=epoch, rank=rank, world_size=2)
+        assert torch.equal(torch.cat([b.indices for b in batches]), expected)
+        for batch in batches:
+            assert batch.indices.dtype == batch.labels.dtype == torch.int64
+            assert torch.equal(batch.labels, labels[batch.indices])
+            assert [tuple(v.shape) for v in batch.views] == [(CIFAR_BATCH, 3, 32, 32)] * 2
+            assert all(v.dtype == torch.float32 and v.is_contiguous() for v in batch.views)
+            assert [set(p) for p in batch.params] == [{"area", *PARAMS}] * 2
+    for epoch in (0, 1):  # the two ranks: disjoint, the same number of batches
+        rank0, rank1 = (set(torch.cat([b.indices for b in cifar_epochs[r, epoch]]).tolist()) for r in (0, 1))
+        assert not rank0 & rank1 and len(rank0) == len(rank1) == (300 - 300 % (2 * CIFAR_BATCH)) // 2
+
+
+def test_more_workers_than_cores(cifar_root: str) -> None:
+    """data.workers defaults to 8; numba refuses more threads than cores, so the loader uses fewer."""
+    assert len(loader(cifar_root, workers=4 * os.cpu_count())) == 300 // CIFAR_BATCH
+
+
+def test_set_epoch_changes_order_and_replays_an_epoch_exactly(cifar_ranks: list, cifar_epochs: dict) -> None:
+    first, second = (torch.cat([b.indices for b in cifar_epochs[0, e]]) for e in (0, 1))
+    assert not torch.equal(first, second) and set(first.tolist()) != set(second.tolist())
+    replay = run_epoch(cifar_ranks[0], 0, batches=3)  # epoch 0 again, after epoch 1
+    for again, batch in zip(replay, cifar_epochs[0, 0]):
+        assert torch.equal(again.indices, batch.indices)
+        assert all(torch.equal(a, b) for a, b in zip(again.views, batch.views))
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(again.params, batch.params) for k in a)
+
+
+def test_recipe_rates_and_crop_areas(cifar_epochs: dict) -> None:
+    """Recipe §6 on 576 samples per view (2 ranks x 2 epochs): loose bounds, about 4 standard deviations."""
+    params = [{k: torch.cat([b.params[v][k] for bs in cifar_epochs.values() for b in bs]) for k in ("area", *PARAMS)}
+              for v in range(2)]
+    expected = [{"jitter": 0.8, "grayscale": 0.2, "blur": 1.0, "solarize": 0.0, "flip": 0.5},
+                {"jitter": 0.8, "grayscale": 0.2, "blur": 0.1, "solarize": 0.2, "flip": 0.5}]
+    for view, rates in zip(params, expected):
+        for name, rate in rates.items():
+            assert abs(view[name].float().mean().item() - rate) < 0.08, name
+        area = view["area"]
+        assert area.min() >= 0.1 * 0.7 and area.max() <= 1.0  # 32-px crops: sides are rounded to pixels
+        assert 0.45 < area.mean() < 0.65  # uniform in (0.1, 1), less the boxes that do not fit
+
+
+IMAGENET_VIEWS = dict(batch_size=16, image_size=128, local_crops=2, local_size=96)  # 64 samples: 4 batches
+
+
+@pytest.fixture(scope="module")
+def imagenet_epoch(imagenet_root: str) -> list[Batch]:
+    """Epoch 0 of the ImageNet train split with 2 global and 2 local views, decoded in 2 threads."""
+    return run_epoch(loader(imagenet_root, workers=2, **IMAGENET_VIEWS), 0)
+
+
+def test_local_crops_from_full_size_jpegs(imagenet_epoch: list[Batch]) -> None:
+    """2 global views and 2 local 96-px crops from every image; each crop's area inside its scale."""
+    assert len(imagenet_epoch) == 4
+    for batch in imagenet_epoch:
+        assert [tuple(v.shape) for v in batch.views] == [(16, 3, 128, 128)] * 2 + [(16, 3, 96, 96)] * 2
+        assert all(torch.isfinite(v).all() for v in batch.views)
+        for params, (low, high) in zip(batch.params, [(0.35, 1.0)] * 2 + [(0.05, 0.35)] * 2):
+            assert ((params["area"] >= low * 0.97) & (params["area"] <= high * 1.03)).all()
+        assert (batch.params[0]["area"] != batch.params[1]["area"]).all()  # each view has its own crop
+
+
+def test_each_image_is_decoded_once_for_all_views(imagenet_root: str, imagenet_epoch: list[Batch],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With FFCV's compiler off the decoder runs as Python, so its JPEG decodes can be counted: one per
+    sample for 4 views. That serial Python run also gives exactly the batches of the compiled decoder
+    on 2 threads: crops are seeded per sample, not per thread."""
+    calls, imdecode = [], ffcv_backend.imdecode
+
+    def counting_imdecode(*args):
+        calls.append(args)
+        return imdecode(*args)
+
+    monkeypatch.setattr(ffcv_backend, "imdecode", counting_imdecode)
+    Compiler.set_enabled(False)
+    try:
+        python = run_epoch(loader(imagenet_root, **IMAGENET_VIEWS), 0)
+    finally:
+        Compiler.set_enabled(True)
+    assert len(calls) == 64  # FFCV decodes only this epoch's samples, each once
+    for a, b in zip(python, imagenet_epoch, strict=True):
+        assert torch.equal(a.indices, b.indices) and all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+        assert all(torch.equal(x[k], y[k]) for x, y in zip(a.params, b.params) for k in x)
+
+
+@pytest.mark.slow
+def test_evaluation_covers_every_sample_once_and_matches_torchvision(imagenet_root: str) -> None:
+    """Two ranks, batches of 3 (partial last batches): every val sample exactly once, with its label, and
+    close to torchvision's Resize(256, bicubic) + CenterCrop(224) (decoders differ by ~1/255, and OpenCV's
+    area resize is not PIL's bicubic)."""
+    samples = ShardSamples(open_converted(imagenet_root), "val")
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    seen, differences = [], []
+    for rank in (0, 1):
+        it = loader(imagenet_root, train=False, batch_size=3, rank=rank, world_size=2, image_size=224)
+        batches = run_epoch(it, 0)
+        assert len(batches) == len(it) == 3 and [len(b.indices) for b in batches] == [3, 3, 2]
+        for batch in batches:
+            assert batch.params == [] and len(batch.views) == 1
+            for image, index, label in zip(batch.views[0], batch.indices.tolist(), batch.labels.tolist()):
+                reference, true_label = samples.decode(index)
+                assert label == true_label
+                differences.append(((image - eval_view(reference, 224)) * std).abs().mean().item() * 255)
+            seen += batch.indices.tolist()
+    assert sorted(seen) == list(range(16))
+    assert max(differences) < 8 and sum(differences) / len(differences) < 3, differences
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_memory_stays_flat_across_epochs(cifar_ranks: list) -> None:
+    """8 epochs, two of them abandoned: mid-way, and once FFCV's thread has decoded the whole epoch. No
+    FFCV epoch (its thread and the batch buffers it allocates) outlives its epoch, and the resident memory
+    does not grow."""
+    it = cifar_ranks[0]
+    abandoned = {2: 2, 5: len(it) - 2}  # epoch -> batches taken
+    rss = []
+    for epoch in range(8):
+        run_epoch(it, epoch, batches=abandoned.get(epoch))
+        assert not any(isinstance(t, EpochIterator) for t in threading.enumerate())
+        rss.append(_rss_mib())
+    gc.collect()
+    assert EpochIterator not in {type(o) for o in gc.get_objects()}
+    assert max(rss[3:]) - rss[2] < 20, rss
+

@@ -74,3 +74,20 @@ def cifar_root(cifar_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     assert convert_datasets.main(["imagefolder", "--source", str(cifar_folder), "--out", str(out), "--name", "cifar10",
                                   "--workers", "1"]) == 0
     return str(out / "cifar10")
+
+
+@pytest.fixture(scope="session")
+def imagenet_folder(imagenet_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int], Path]:
+    """A factory of image folders (symlinks into `imagenet_sample`): the first `train` classes'
+    images in train/<wnid>/ and the first `val` classes' images in val/<wnid>/."""
+    def make(train: int, val: int) -> Path:
+        folder = tmp_path_factory.mktemp("imagenet-folder")
+        classes = sorted((imagenet_sample / "train").iterdir())
+        for split, count in (("train", train), ("val", val)):
+            for class_dir in classes[:count]:
+                (folder / split / class_dir.name).mkdir(parents=True)
+                for image in class_dir.iterdir():
+                    (folder / split / class_dir.name / image.name).symlink_to(image)
+        return folder
+
+    return make

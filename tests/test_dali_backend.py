@@ -49,16 +49,9 @@ def cifar(cifar_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def imagenet(imagenet_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+def imagenet(imagenet_folder, tmp_path_factory: pytest.TempPathFactory) -> str:
     """ImageNet JPEGs of varied sizes (up to 512 px): 200 classes as train, 40 of them as val."""
-    folder = tmp_path_factory.mktemp("imagenet-folder")
-    classes = sorted((imagenet_sample / "train").iterdir())
-    for split, count in (("train", 200), ("val", 40)):
-        for directory in classes[:count]:
-            (folder / split / directory.name).mkdir(parents=True)
-            for image in directory.iterdir():
-                (folder / split / directory.name / image.name).symlink_to(image)
-    return convert(folder, tmp_path_factory.mktemp("out"), "imagenet")
+    return convert(imagenet_folder(200, 40), tmp_path_factory.mktemp("out"), "imagenet")
 
 
 def loader(root: str, *, train: bool = True, batch_size: int = 32, **options):

@@ -59,15 +59,9 @@ def cifar_root(cifar_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def imagenet_root(imagenet_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+def imagenet_root(imagenet_folder, tmp_path_factory: pytest.TempPathFactory) -> str:
     """64 full-size ImageNet JPEGs for train and 16 of them for val, stored as JPEG in the .beton."""
-    folder = tmp_path_factory.mktemp("imagenet-folder")
-    for split, count in (("train", 64), ("val", 16)):
-        for class_dir in sorted((imagenet_sample / "train").iterdir())[:count]:
-            (folder / split / class_dir.name).mkdir(parents=True)
-            for image in class_dir.iterdir():
-                (folder / split / class_dir.name / image.name).symlink_to(image)
-    return convert(folder, tmp_path_factory.mktemp("ffcv-imagenet"), "imagenet")
+    return convert(imagenet_folder(64, 16), tmp_path_factory.mktemp("ffcv-imagenet"), "imagenet")
 
 
 @pytest.fixture(scope="module")

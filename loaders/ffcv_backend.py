@@ -37,7 +37,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from loaders.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, apply, draw_params, recipe_views
 from loaders.builder import Batch, LoaderSettings
-from loaders.sampling import epoch_indices, num_batches
+from loaders.sampling import batch_seed, epoch_indices, num_batches
 from loaders.shards import open_converted
 
 BATCHES_AHEAD = 2
@@ -229,7 +229,7 @@ class FfcvLoader:
                  for spec, start, end in zip(self.specs, self.decoder.offsets, self.decoder.offsets[1:])]
         if not s.train:
             return [_normalise(crops[0], s.dtype)], []
-        generator = torch.Generator(s.device).manual_seed(hash((s.seed, self.epoch, s.rank, number)) % 2**62)
+        generator = torch.Generator(s.device).manual_seed(batch_seed(s.seed, self.epoch, s.rank, number))
         areas = torch.tensor(areas, device=s.device)
         views, params = [], []
         for v, (spec, images) in enumerate(zip(self.specs, crops)):

@@ -15,7 +15,7 @@ import torchvision.transforms.v2.functional as TF
 from loaders.augment import IMAGENET_MEAN, IMAGENET_STD, apply, draw_params, recipe_views
 from loaders.builder import Batch, LoaderSettings
 from loaders.crop import random_resized_crop
-from loaders.sampling import epoch_indices, num_batches
+from loaders.sampling import batch_seed, epoch_indices, num_batches
 from loaders.shards import ShardSamples, open_converted
 
 
@@ -76,7 +76,7 @@ class MemoryLoader:
             if not s.train:
                 yield Batch([eval_views(images, s.data.image_size, s.dtype)], self.labels[indices], indices)
                 continue
-            generator.manual_seed(hash((s.seed, self.epoch, s.rank, number)) % 2**62)
+            generator.manual_seed(batch_seed(s.seed, self.epoch, s.rank, number))
             views, params = [], []
             for spec in self.specs:
                 crops, boxes = random_resized_crop(images, spec, generator)

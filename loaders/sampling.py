@@ -36,3 +36,8 @@ def num_batches(num_samples: int, batch_size: int, *, train: bool, rank: int = 0
         return num_samples // (batch_size * world_size)
     local = len(range(rank, num_samples, world_size))
     return -(-local // batch_size)
+
+
+def batch_seed(seed: int, epoch: int, rank: int, number: int) -> int:
+    """The seed of batch `number`'s augmentations on `rank` in `epoch`: any batch can be recomputed alone."""
+    return hash((seed, epoch, rank, number)) % 2**62

@@ -265,7 +265,8 @@ def test_finetune_resumes_exactly(cifar_root, weights, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------- torchrun + DDP
 
 DDP_SCRIPT = """
-import json, sys
+import json, os, sys
+from pathlib import Path
 from configs.schema import load_config
 from evaluation.finetune import run_finetune
 from evaluation.linear import run_linear
@@ -275,7 +276,8 @@ schema, run = {"linear": (LinearConfig, run_linear), "finetune": (FinetuneConfig
 overrides = [f"data.root={root}", f"output_dir={out}", "arch=vit_mini", "patch_size=8", "data.image_size=32",
              "data.workers=0", "batch_size=64", "epochs=1", *(["warmup_epochs=1"] if protocol == "finetune" else [])]
 result = run(load_config(f"{config_dir}/{protocol}_vit_tiny_cifar10.yaml", overrides, schema=schema), weights)
-print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "history"}))
+# one file per rank: the ranks' stdout lines may interleave under torchrun
+Path(out, f"result-{os.environ['RANK']}.json").write_text(json.dumps({k: v for k, v in result.items() if k != "history"}))
 """
 
 
@@ -290,7 +292,7 @@ def test_protocols_under_torchrun_ddp(protocol, port, cifar_root, weights, tmp_p
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
-    per_rank = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    per_rank = [json.loads((tmp_path / "out" / f"result-{rank}.json").read_text()) for rank in range(2)]
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1]  # all-reduced accuracies: identical on every rank
     assert per_rank[0]["protocol"] == protocol and per_rank[0]["epochs"] == 1
     assert all(0 <= per_rank[0][k] <= 100 for k in ("top1", "top5"))

@@ -1,4 +1,4 @@
-"""Evaluate a pre-trained encoder with the published protocols (recipe §7), draw the
+"""Evaluate a pre-trained encoder with the published protocols (docs/method.md §7), draw the
 inter-instance similarity picture, or export the encoder for timm.
 
     python eval.py knn        --config configs/eval/knn_cifar10.yaml --weights CKPT [key=value ...]
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("knn", "linear", "finetune"):
-        p = sub.add_parser(name, help=f"{name} evaluation (recipe §7)")
+        p = sub.add_parser(name, help=f"{name} evaluation (docs/method.md §7)")
         p.add_argument("--config", help="a YAML in configs/eval/ (optional when the checkpoint names its dataset)")
         p.add_argument("--weights", required=True)
         p.add_argument("--random-init", action="store_true", help="evaluate an untrained encoder of the same shape")

@@ -1,4 +1,4 @@
-"""PatchMix pre-training (recipe §3–5): one process per device, launched by torchrun.
+"""PatchMix pre-training (docs/method.md §3–5): one process per device, launched by torchrun.
 
     torchrun --nproc_per_node 8 train.py --config configs/vitb_imagenet.yaml [key=value ...]
     python train.py --config configs/smoke.yaml data.root=DIR/digits        # one process, CPU or GPU
@@ -41,7 +41,7 @@ class TrainingError(RuntimeError):
 
 
 def build_model(config: Config, process: Process) -> PatchMixFramework:
-    """Encoder + heads + optional momentum encoder (recipe §4), heads' BN global across ranks."""
+    """Encoder + heads + optional momentum encoder (docs/method.md §4), heads' BN global across ranks."""
     encoder = create_vit(config.model.arch, config.data.image_size, config.model.patch_size, config.model.drop_path)
     model = PatchMixFramework(encoder, dim=config.model.dim, mlp_dim=config.model.mlp_dim,
                               momentum_encoder=config.model.momentum_encoder, num_mix=config.model.num_mix,

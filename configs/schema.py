@@ -16,7 +16,7 @@ BACKENDS = ("auto", "ffcv", "dali", "memory", "torchvision")
 
 @dataclass
 class DataConfig:
-    """Where the converted dataset is and how views are made (recipe §5–6)."""
+    """Where the converted dataset is and how views are made (docs/method.md §5–6)."""
 
     root: str = MISSING  # a converted dataset folder (holds manifest.json), e.g. DIR/cifar10
     backend: str = "auto"  # auto | ffcv | dali | memory | torchvision
@@ -32,7 +32,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Encoder and heads (recipe §4)."""
+    """Encoder and heads (docs/method.md §4)."""
 
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base (| vit_mini for CPU smoke runs)
     patch_size: int = 16
@@ -46,7 +46,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the per-iteration schedules (recipe §5). `lr` is per 256 images: the applied
+    """AdamW and the per-iteration schedules (docs/method.md §5). `lr` is per 256 images: the applied
     peak lr is `lr × batch_size / 256`."""
 
     lr: float = 5e-4

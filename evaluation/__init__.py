@@ -1,1 +1,1 @@
-"""The evaluation protocols behind eval.py (recipe §7): kNN, linear probe, fine-tuning, weights I/O."""
+"""The evaluation protocols behind eval.py (docs/method.md §7): kNN, linear probe, fine-tuning, weights I/O."""

@@ -1,4 +1,4 @@
-"""The linear-probe and fine-tuning data pipelines (recipe §7): PIL transforms in DataLoader workers.
+"""The linear-probe and fine-tuning data pipelines (docs/method.md §7): PIL transforms in DataLoader workers.
 
 - linear train: RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation;
 - fine-tune train: timm's `create_transform` (RandAugment, random erasing, bicubic crops), plus
@@ -30,7 +30,7 @@ Transform = Callable[[Image.Image], torch.Tensor]
 
 
 def linear_train_transform(size: int) -> Transform:
-    """The linear probe's training view (recipe §7, the published `main_linear.py`)."""
+    """The linear probe's training view (docs/method.md §7, the published `main_linear.py`)."""
     return T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -59,7 +59,7 @@ def finetune_train_transform(size: int, randaugment: str, re_prob: float, crop_p
 
 
 def eval_transform(size: int) -> Transform:
-    """The evaluation view shared with kNN and the loaders (recipe §7)."""
+    """The evaluation view shared with kNN and the loaders (docs/method.md §7)."""
     return partial(eval_view, size=size)
 
 

@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning (recipe §7) with timm's components.
+"""End-to-end fine-tuning (docs/method.md §7) with timm's components.
 
     torchrun --nproc_per_node 8 eval.py finetune --config configs/eval/finetune_vit_small_imagenet.yaml --weights CKPT
 
@@ -57,7 +57,7 @@ def finetune_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, image
 
 
 def run_finetune(config: FinetuneConfig, weights: str, random_init: bool = False) -> dict:
-    """Fine-tune the encoder stored at `weights` and validate it after every epoch (recipe §7).
+    """Fine-tune the encoder stored at `weights` and validate it after every epoch (docs/method.md §7).
 
     Returns `protocol`, `top1`, `top5`, `best_top1`, `best_epoch`, `epochs` for the model and the
     same with an `ema_` prefix for its EMA (accuracies in % on `data.val_split`), and `history`.

@@ -1,4 +1,4 @@
-"""Weighted kNN classification (recipe §7) and DDP-aware feature extraction.
+"""Weighted kNN classification (docs/method.md §7) and DDP-aware feature extraction.
 
 Features are L2-normalised, similarity is the cosine, and each of the k nearest train
 samples votes for its class with weight exp(sim / T). The test set is processed in chunks
@@ -84,7 +84,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 @dataclass
 class KnnConfig:
-    """`eval.py knn` settings (recipe §7); `data` says which converted dataset and how to read it."""
+    """`eval.py knn` settings (docs/method.md §7); `data` says which converted dataset and how to read it."""
 
     data: DataConfig = field(default_factory=DataConfig)
     batch_size: int = 256

@@ -1,4 +1,4 @@
-"""Linear probe (recipe §7), and the epoch driver both supervised protocols share.
+"""Linear probe (docs/method.md §7), and the epoch driver both supervised protocols share.
 
     torchrun --nproc_per_node 8 eval.py linear --config configs/eval/linear_vit_small_imagenet.yaml --weights CKPT
 
@@ -278,7 +278,7 @@ def changed_tensors(module: nn.Module, reference: dict[str, torch.Tensor]) -> li
 
 
 def run_linear(config: LinearConfig, weights: str, random_init: bool = False) -> dict:
-    """Train and validate a linear probe on the frozen encoder stored at `weights` (recipe §7).
+    """Train and validate a linear probe on the frozen encoder stored at `weights` (docs/method.md §7).
 
     Returns `protocol`, `top1`, `top5`, `best_top1`, `best_epoch`, `epochs` (accuracies in % on
     the `data.val_split` split), `backbone_unchanged` and the per-epoch `history`.

@@ -1,4 +1,4 @@
-"""Typed schemas of the linear-probe and fine-tuning protocols (recipe §7), for `configs/eval/*.yaml`.
+"""Typed schemas of the linear-probe and fine-tuning protocols (docs/method.md §7), for `configs/eval/*.yaml`.
 
 Load them with `configs.schema.load_config(path, overrides, schema=LinearConfig)` (or
 `FinetuneConfig`): an unknown key is an error naming the closest one. The defaults are the recipe's
@@ -28,7 +28,7 @@ class ProtocolDataConfig:
 
 @dataclass
 class LinearConfig:
-    """Linear probe: frozen backbone, linear classifier on the class token, SGD + cosine (recipe §7)."""
+    """Linear probe: frozen backbone, linear classifier on the class token, SGD + cosine (docs/method.md §7)."""
 
     data: ProtocolDataConfig = field(default_factory=ProtocolDataConfig)
     arch: Optional[str] = None  # expected encoder (checked against the weights); None: whatever they hold
@@ -44,13 +44,13 @@ class LinearConfig:
 
 @dataclass
 class FinetuneConfig:
-    """End-to-end fine-tuning with timm's recipe components (recipe §7)."""
+    """End-to-end fine-tuning with timm's recipe components (docs/method.md §7)."""
 
     data: ProtocolDataConfig = field(default_factory=ProtocolDataConfig)
     arch: Optional[str] = None
     patch_size: Optional[int] = None
     epochs: int = 100
-    # Not in recipe §7: the published fine-tuning configs use 1024 on ImageNet (the MAE/DeiT
+    # Not in docs/method.md §7: the published fine-tuning configs use 1024 on ImageNet (the MAE/DeiT
     # convention) and 256 on CIFAR.
     batch_size: int = 1024
     lr: float = 5e-4  # per 256 images, AdamW

@@ -3,7 +3,7 @@
 Accepted: our training checkpoints (`last.pt`, `checkpoint-*.pt`), an exported encoder
 (`.safetensors`), and the checkpoints released with the paper (a `state_dict`, possibly under
 "state_dict"/"model", whose keys start with `module.momentum_encoder.`, `momentum_encoder.` or
-`base_encoder.`). The momentum encoder is used whenever present (recipe §7). The architecture
+`base_encoder.`). The momentum encoder is used whenever present (docs/method.md §7). The architecture
 is read from the tensor shapes, so no config is needed.
 """
 from dataclasses import dataclass

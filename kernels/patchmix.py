@@ -1,5 +1,5 @@
 """PatchMix in one pass: the mixing op (Triton kernel + torch gather, bit-identical) and the
-sparse contrastive targets that go with it (recipe §1–2).
+sparse contrastive targets that go with it (docs/method.md §1–2).
 
 Mixed image `g` holds, at patch position `t`, the patch at position `t` of image
 `(g + group[t]) % B`. Nothing moves spatially, so each output patch row is a contiguous copy
@@ -125,7 +125,7 @@ def default_backend(images: torch.Tensor) -> str:
 
 
 def group_of_positions(perm: torch.Tensor, num_mix: int) -> torch.Tensor:
-    """Group of each patch position (recipe §1.3): `perm[s]` is in group `s // S`, `S = T // m`;
+    """Group of each patch position (docs/method.md §1.3): `perm[s]` is in group `s // S`, `S = T // m`;
     the remainder positions `perm[s]`, `s >= S·m`, are in group 0."""
     num_patches = perm.numel()
     per_group = num_patches // num_mix
@@ -165,7 +165,7 @@ def _check_inputs(images: torch.Tensor, patch_size: int, num_mix: int, perm: tor
 def patchmix(images: torch.Tensor, patch_size: int, num_mix: int, *, perm: torch.Tensor | None = None,
              generator: torch.Generator | None = None,
              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix the patches of a batch (recipe §1) in one pass.
+    """Mix the patches of a batch (docs/method.md §1) in one pass.
 
     Returns `(mixed, group)`: patch position `t` of `mixed[g]` is patch position `t` of
     `images[(g + group[t]) % B]`. `perm` (a permutation of the `T` patch positions) is drawn on
@@ -181,7 +181,7 @@ def patchmix(images: torch.Tensor, patch_size: int, num_mix: int, *, perm: torch
 
 
 # --------------------------------------------------------------------------------------------
-# Sparse targets (recipe §2)
+# Sparse targets (docs/method.md §2)
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PatchMixTargets:
@@ -206,7 +206,7 @@ def _sparse_rows(batch_size: int, offsets: list[int], weights: list[float], rank
 
 def patchmix_targets(batch_size: int, num_mix: int, rank: int = 0, *,
                      device: torch.device | str | None = None) -> PatchMixTargets:
-    """Targets of the source, mix and mix-mix contrasts for a local batch on rank `rank` (recipe §2)."""
+    """Targets of the source, mix and mix-mix contrasts for a local batch on rank `rank` (docs/method.md §2)."""
     if batch_size < 1 or num_mix < 1 or rank < 0:
         raise ValueError(f"need batch_size >= 1, num_mix >= 1, rank >= 0; got {batch_size}, {num_mix}, {rank}")
     m = num_mix

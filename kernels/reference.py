@@ -1,4 +1,4 @@
-"""The published multi-pass PatchMix algorithm, written out step by step (recipe §1).
+"""The published multi-pass PatchMix algorithm, written out step by step (docs/method.md §1).
 
 It shares no code with `kernels.patchmix`: it is the independent reference the one-pass kernel is
 tested against bit-for-bit, and the baseline `bench.py kernel` times it against.

@@ -1,4 +1,4 @@
-"""Batched per-view augmentations on the images' device (recipe §6).
+"""Batched per-view augmentations on the images' device (docs/method.md §6).
 
 One view of a batch is made by `random_resized_crop` (in `loaders.crop`) and then `augment`,
 which runs, in the published order, colour jitter, grayscale, Gaussian blur, solarize,
@@ -54,7 +54,7 @@ class ViewSpec:
 
 def recipe_views(global_size: int, global_scale: tuple[float, float], local_crops: int = 0,
                  local_size: int = 96, local_scale: tuple[float, float] = (0.05, 0.35)) -> list[ViewSpec]:
-    """The published views (recipe §6): view 1 (blur p=1), view 2 (blur p=0.1, solarize p=0.2),
+    """The published views (docs/method.md §6): view 1 (blur p=1), view 2 (blur p=0.1, solarize p=0.2),
     then `local_crops` local views (blur p=0.5)."""
     view1 = ViewSpec(global_size, global_scale, blur_prob=1.0)
     view2 = ViewSpec(global_size, global_scale, blur_prob=0.1, solarize_prob=0.2)

@@ -1,4 +1,4 @@
-"""Batched random-resized crop of a device tensor (recipe §6), for data already on the device.
+"""Batched random-resized crop of a device tensor (docs/method.md §6), for data already on the device.
 
 Boxes are drawn like torchvision's `RandomResizedCrop.get_params` (10 attempts of an area in
 `scale·H·W` and a log-uniform aspect ratio, else the centre crop), vectorised over the batch.

@@ -1,5 +1,5 @@
 """DALI backend: one DALI pipeline per epoch decodes every sample once and cuts and augments all its
-views inside DALI (recipe §6), on the GPU when the training device is CUDA.
+views inside DALI (docs/method.md §6), on the GPU when the training device is CUDA.
 
 Feeding. A batch-mode `fn.external_source` reads batch `i` of this rank's `epoch_indices(seed, epoch,
 rank)` from the WebDataset shards (`ShardSamples.read`: encoded bytes and label, random access

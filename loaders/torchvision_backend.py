@@ -1,4 +1,4 @@
-"""The published pipeline: PIL decoding and torchvision transforms in `DataLoader` workers (recipe §6).
+"""The published pipeline: PIL decoding and torchvision transforms in `DataLoader` workers (docs/method.md §6).
 
 It is the benchmarks' baseline and the tests' semantic reference. Every random decision is
 made the way torchvision's `RandomResizedCrop`, `RandomApply`, `RandomGrayscale` and
@@ -48,7 +48,7 @@ def published_view(image: Image.Image, spec: ViewSpec) -> tuple[torch.Tensor, di
 
 
 def eval_view(image: Image.Image, size: int) -> torch.Tensor:
-    """Evaluation transform (recipe §7): resize the short side to `size·256/224` (bicubic), centre crop."""
+    """Evaluation transform (docs/method.md §7): resize the short side to `size·256/224` (bicubic), centre crop."""
     image = TF.resize(image, int(size * 256 / 224), T.InterpolationMode.BICUBIC)
     return _TO_TENSOR(TF.center_crop(image, size))
 

@@ -1,4 +1,4 @@
-"""The PatchMix framework (recipe §3–4), laid out like MoCo v3's `moco/builder.py`.
+"""The PatchMix framework (docs/method.md §3–4), laid out like MoCo v3's `moco/builder.py`.
 
 A base encoder (a ViT whose `head` is the projector) with a predictor, and an optional
 momentum encoder updated by EMA. `forward` mixes the views and returns the PatchMix loss.
@@ -34,7 +34,7 @@ def _momentum_copy(encoder: nn.Module) -> nn.Module:
 
 
 class PatchMixFramework(nn.Module):
-    """Base encoder + projector + predictor, and an optional momentum encoder (recipe §4).
+    """Base encoder + projector + predictor, and an optional momentum encoder (docs/method.md §4).
 
     Without a momentum encoder (published for ViT-Tiny on CIFAR) the keys come from the base
     encoder: the key of view 1 is the detached projection of the same forward that makes its
@@ -57,7 +57,7 @@ class PatchMixFramework(nn.Module):
 
     @property
     def key_encoder(self) -> nn.Module:
-        """The encoder that makes the keys (and is evaluated, recipe §7)."""
+        """The encoder that makes the keys (and is evaluated, docs/method.md §7)."""
         return self.base if self.momentum is None else self.momentum
 
     @torch.no_grad()
@@ -86,7 +86,7 @@ class PatchMixFramework(nn.Module):
 
     def forward(self, views: Sequence[torch.Tensor], temperature: float, gather: Gather = _identity,
                 rank: int = 0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """PatchMix loss of one step (recipe §3) from `views = [v1, v2, *local_crops]`.
+        """PatchMix loss of one step (docs/method.md §3) from `views = [v1, v2, *local_crops]`.
 
         Every view is a batch of the same `B` images. `gather` concatenates keys across ranks
         (identity on one process) and `rank` offsets the targets. Mixes are drawn from

@@ -1,4 +1,4 @@
-"""MoCo v3 style MLP heads (recipe §4): the projector and the predictor."""
+"""MoCo v3 style MLP heads (docs/method.md §4): the projector and the predictor."""
 from torch import nn
 
 

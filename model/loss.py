@@ -1,4 +1,4 @@
-"""Soft-target contrastive loss with sparse targets (recipe §2–3)."""
+"""Soft-target contrastive loss with sparse targets (docs/method.md §2–3)."""
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,4 @@
-"""ViT-Tiny/Small/Base as pre-trained by PatchMix (recipe §4), on timm's `VisionTransformer`.
+"""ViT-Tiny/Small/Base as pre-trained by PatchMix (docs/method.md §4), on timm's `VisionTransformer`.
 
 Class token, learned position embeddings, qkv bias, LayerNorm eps 1e-6 and MoCo v3's
 initialisation. Inputs of any multiple of the patch size are accepted (the 96-px local crops):

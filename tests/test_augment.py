@@ -1,5 +1,5 @@
 """Batched view augmentations (`loaders.augment`, `loaders.crop`) against torchvision and PIL
-applied to each sample with the same parameters, and the recipe's rates (recipe §6)."""
+applied to each sample with the same parameters, and the recipe's rates (docs/method.md §6)."""
 import dataclasses
 import itertools
 import math

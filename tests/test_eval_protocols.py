@@ -1,4 +1,4 @@
-"""Linear probe and fine-tuning (recipe §7) on CPU: configs, repeated augmentation, layer-wise lr
+"""Linear probe and fine-tuning (docs/method.md §7) on CPU: configs, repeated augmentation, layer-wise lr
 decay, smoke runs on real images, the frozen-backbone check, resume, and torchrun DDP (gloo)."""
 import json
 import os
@@ -24,7 +24,7 @@ from model.vit import create_vit
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "eval"
-# The combinations the paper publishes (recipe §8).
+# The combinations the paper publishes (docs/method.md §8).
 PUBLISHED = [("vit_small", "imagenet"), ("vit_base", "imagenet"),
              *((arch, data) for data in ("cifar10", "cifar100") for arch in ("vit_tiny", "vit_small", "vit_base"))]
 # vit_mini on 32-px CIFAR images: 300 train images = 4 steps of 64, 50 val images.

@@ -1,4 +1,4 @@
-"""ViT, heads and the PatchMix framework (recipe §3–4), on CPU with tiny shapes."""
+"""ViT, heads and the PatchMix framework (docs/method.md §3–4), on CPU with tiny shapes."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""`patchmix_targets` against hand-worked tables (recipe §2)."""
+"""`patchmix_targets` against hand-worked tables (docs/method.md §2)."""
 import pytest
 import torch
 

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.arch=vit_mini", "model.patch_size=8", "model.mlp_dim=64", "model.dim=32", "data.image_size=32",
         "data.backend=memory", "data.workers=1", "log_every=1", "optim.warmup_epochs=1"]
 
-# recipe §5, one row per published config
+# docs/method.md §5, one row per published config
 PUBLISHED = {
     "vits_imagenet": ("vit_small", 16, 224, 1024, 300, 10, 5e-4, 0.04, 0.4, True, (0.35, 1.0), 8),
     "vitb_imagenet": ("vit_base", 16, 224, 1024, 300, 10, 7.5e-4, 0.04, 0.4, True, (0.35, 1.0), 8),

@@ -37,7 +37,7 @@ def init_process() -> Process:
 
 
 def gather_keys(keys: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's keys in rank order (no gradient: keys are detached, recipe §3)."""
+    """Concatenate every rank's keys in rank order (no gradient: keys are detached, docs/method.md §3)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return keys
     keys = keys.detach().contiguous()

@@ -1,4 +1,4 @@
-"""One PatchMix optimisation step (recipe §3, §5), shared by train.py and `bench.py step`."""
+"""One PatchMix optimisation step (docs/method.md §3, §5), shared by train.py and `bench.py step`."""
 from collections.abc import Callable
 
 import torch

@@ -54,19 +54,28 @@ def check_compile(device: str) -> dict:
     return {}
 
 
-def check_training(device: str) -> dict:
-    """A few bf16 + compiled PatchMix steps of each model size: finite loss, momentum moves."""
+def _framework(arch: str, size: int, patch: int, device: str):
+    """A PatchMix model as train.py builds it (published heads on a GPU, tiny ones on CPU)."""
+    from model.batchnorm import convert_to_global
     from model.framework import PatchMixFramework
     from model.vit import create_vit
-    from trainer.step import param_groups, train_step
+
+    mlp_dim = 4096 if device == "cuda" else 64
+    return convert_to_global(PatchMixFramework(create_vit(arch, size, patch, 0.1), mlp_dim=mlp_dim,
+                                               smoothing_source=0.1)).to(device)
+
+
+def check_training(device: str) -> dict:
+    """A few bf16 + compiled PatchMix steps of each model size: finite loss, momentum moves."""
+    from trainer.step import build_optimizer, train_step
 
     on_gpu = device == "cuda"
     sizes = {"vit_tiny": 64, "vit_small": 64, "vit_base": 32} if on_gpu else {"vit_mini": 4}
     timings = {}
     for arch, batch in sizes.items():
         size, patch = (224, 16) if on_gpu else (32, 8)
-        model = PatchMixFramework(create_vit(arch, size, patch, 0.1), mlp_dim=4096 if on_gpu else 64).to(device)
-        optimizer = torch.optim.AdamW(param_groups(model), lr=1e-4, fused=on_gpu)
+        model = _framework(arch, size, patch, device)
+        optimizer = build_optimizer(model, lr=1e-4)
         step_model = torch.compile(model) if on_gpu else model
         views = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)]
         before = next(model.momentum.parameters()).detach().clone()
@@ -79,6 +88,47 @@ def check_training(device: str) -> dict:
         timings[arch] = {"loss": loss, "seconds_3_steps_incl_compile": time.perf_counter() - start}
         del model, optimizer, step_model
     return timings
+
+
+def check_step_syncs(device: str, steps: int = 20) -> dict:
+    """The ImageNet recipe's compiled bf16 step (ViT-S/16, 2×224 + 8×96 views) with the loop's
+    per-step bookkeeping (`StopAgreement`), `steps` steady-state steps under
+    `torch.cuda.set_sync_debug_mode("error")`: any host-device sync raises, and is reported with
+    its stack. On CPU the same steps run without the mode (to validate this script)."""
+    from trainer.agreement import StopAgreement
+    from trainer.step import build_optimizer, train_step
+
+    on_gpu = device == "cuda"
+    arch, size, local, batch = ("vit_small", 224, 96, 32) if on_gpu else ("vit_mini", 32, 16, 4)
+    model = _framework(arch, size, 16 if on_gpu else 8, device)
+    optimizer = build_optimizer(model, lr=1e-4)
+    step_model = torch.compile(model) if on_gpu else model
+    views = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)] + \
+            [torch.randn(batch, 3, local, local, device=device) for _ in range(8 if on_gpu else 2)]
+    agreement = StopAgreement(torch.device(device))
+
+    def step(number: int) -> None:
+        terms = train_step(step_model, model, optimizer, views, temperature=0.2, momentum=0.996, clip_grad=3.0,
+                           bf16=on_gpu)
+        agreement.submit(number, terms, stop=False, save=False)
+        agreement.settled()
+
+    for number in range(3):  # compilation and the optimizer's first step
+        step(number)
+    agreement.settled(everything=True)
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    start = time.perf_counter()
+    try:
+        for number in range(3, 3 + steps):
+            step(number)
+    finally:
+        if on_gpu:
+            torch.cuda.set_sync_debug_mode("default")
+    agreement.settled(everything=True)
+    return {"arch": arch, "batch": batch, "steady_steps_without_sync": steps,
+            "ms_per_step": 1e3 * (time.perf_counter() - start) / steps}
 
 
 def tiny_dataset(root: Path, count: int) -> Path:
@@ -122,6 +172,7 @@ def main() -> int:
     data = tiny_dataset(out / "data", 2048 if args.device == "cuda" else 128)
     checks = {"kernel": lambda: check_kernel(args.device), "compile": lambda: check_compile(args.device),
               "training": lambda: check_training(args.device),
+              "step_syncs": lambda: check_step_syncs(args.device),
               "memory_loader": lambda: check_memory_loader(args.device, data)}
     if args.device != "cuda":
         checks.pop("compile")  # inductor on CPU is covered by the test suite

@@ -12,6 +12,7 @@ MISSING = "???"  # OmegaConf's marker of a required value; omegaconf itself is i
 # the dataclasses work on machines that have only torch (the GPU check).
 
 BACKENDS = ("auto", "ffcv", "dali", "memory", "torchvision")
+DDP_COMPRESSION = ("none", "bf16")
 
 
 @dataclass
@@ -41,7 +42,10 @@ class ModelConfig:
     mlp_dim: int = 4096
     dim: int = 256
     num_mix: int = 2
-    smoothing: float = 0.0
+    # Label smoothing of the source and local-crop-vs-original contrasts, and of the mixed ones
+    # (docs/method.md §2): 0.1 and 0 are what the published models were trained with.
+    smoothing_source: float = 0.1
+    smoothing_mix: float = 0.0
 
 
 @dataclass
@@ -71,6 +75,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class DdpConfig:
+    """DistributedDataParallel's gradient all-reduce (docs/training.md)."""
+
+    bucket_cap_mb: float = 25.0  # gradient bucket size; dynamo splits the compiled graph at bucket boundaries
+    compress: str = "none"  # none | bf16: all-reduce gradients in bf16 (halves the traffic, for multi-node)
+
+
+@dataclass
 class Config:
     """A whole pre-training run. `batch_size` is the global batch over all ranks."""
 
@@ -78,6 +90,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
     epochs: int = 300
     batch_size: int = 1024
     output_dir: str = "runs/default"
@@ -125,6 +138,11 @@ def _check(config: Config) -> None:
             config.data.local_crops and config.data.local_size % config.model.patch_size):
         raise ConfigError(f"data.image_size and data.local_size must be multiples of model.patch_size="
                           f"{config.model.patch_size}")
+    if config.ddp.compress not in DDP_COMPRESSION:
+        raise ConfigError(f"ddp.compress must be one of {DDP_COMPRESSION}; got {config.ddp.compress!r}")
+    for name in ("smoothing_source", "smoothing_mix"):
+        if not 0 <= getattr(config.model, name) < 1:
+            raise ConfigError(f"model.{name} must be in [0, 1); got {getattr(config.model, name)}")
     if config.batch_size < 1 or config.epochs < 1:
         raise ConfigError("batch_size and epochs must be positive")
 

@@ -192,13 +192,13 @@ class PatchMixTargets:
     mix_mix: tuple[torch.Tensor, torch.Tensor]
 
 
-def _sparse_rows(batch_size: int, offsets: list[int], weights: list[float], rank: int,
-                 device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sparse_rows(batch_size: int, offsets: torch.Tensor, weights: torch.Tensor,
+                 rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row g targets `(g + offset) % B` with the given weights; repeated indices in a row are
     merged into their first occurrence (weights add up, the repeats keep weight 0)."""
-    rows = torch.arange(batch_size, device=device)[:, None]
-    index = (rows + torch.tensor(offsets, device=device)[None, :]) % batch_size
-    weight = torch.tensor(weights, dtype=torch.float32, device=device).expand(batch_size, -1)
+    rows = torch.arange(batch_size, device=offsets.device)[:, None]
+    index = (rows + offsets[None, :]) % batch_size
+    weight = weights.to(torch.float32).expand(batch_size, -1)
     first = (index[:, :, None] == index[:, None, :]).int().argmax(dim=2)
     merged = torch.zeros_like(weight).scatter_add_(1, first, weight)
     return index + batch_size * rank, merged
@@ -206,14 +206,17 @@ def _sparse_rows(batch_size: int, offsets: list[int], weights: list[float], rank
 
 def patchmix_targets(batch_size: int, num_mix: int, rank: int = 0, *,
                      device: torch.device | str | None = None) -> PatchMixTargets:
-    """Targets of the source, mix and mix-mix contrasts for a local batch on rank `rank` (docs/method.md §2)."""
+    """Targets of the source, mix and mix-mix contrasts for a local batch on rank `rank`
+    (docs/method.md §2). Built from `arange` on `device` alone: no host data is copied to the
+    device, so calling it every step costs no host-device synchronisation."""
     if batch_size < 1 or num_mix < 1 or rank < 0:
         raise ValueError(f"need batch_size >= 1, num_mix >= 1, rank >= 0; got {batch_size}, {num_mix}, {rank}")
     m = num_mix
-    mix_mix = range(2 * m - 1)
+    one = torch.arange(1, device=device)
+    mix = torch.arange(m, device=device)
+    mix_mix = torch.arange(2 * m - 1, device=device)
     return PatchMixTargets(
-        source=_sparse_rows(batch_size, [0], [1.0], rank, device),
-        mix=_sparse_rows(batch_size, list(range(m)), [1.0 / m] * m, rank, device),
-        mix_mix=_sparse_rows(batch_size, [i - m + 1 for i in mix_mix],
-                             [(m - abs(m - 1 - i)) / m**2 for i in mix_mix], rank, device),
+        source=_sparse_rows(batch_size, one, torch.ones(1, device=device), rank),
+        mix=_sparse_rows(batch_size, mix, torch.full((m,), 1.0 / m, device=device), rank),
+        mix_mix=_sparse_rows(batch_size, mix_mix - (m - 1), (m - (mix_mix - (m - 1)).abs()) / m**2, rank),
     )

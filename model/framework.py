@@ -2,6 +2,8 @@
 
 A base encoder (a ViT whose `head` is the projector) with a predictor, and an optional
 momentum encoder updated by EMA. `forward` mixes the views and returns the PatchMix loss.
+Everything in `forward` is traceable by torch.compile as one graph (no host data, no
+data-dependent Python branches), also under DDP with keys gathered by functional collectives.
 """
 import copy
 from collections.abc import Callable, Sequence
@@ -42,7 +44,8 @@ class PatchMixFramework(nn.Module):
     """
 
     def __init__(self, encoder: VisionTransformer, dim: int = 256, mlp_dim: int = 4096,
-                 momentum_encoder: bool = True, num_mix: int = 2, smoothing: float = 0.0) -> None:
+                 momentum_encoder: bool = True, num_mix: int = 2, smoothing_source: float = 0.0,
+                 smoothing_mix: float = 0.0) -> None:
         super().__init__()
         patch_h, patch_w = encoder.patch_embed.patch_size
         if patch_h != patch_w:
@@ -53,7 +56,10 @@ class PatchMixFramework(nn.Module):
         self.momentum = _momentum_copy(encoder) if momentum_encoder else None
         self.patch_size = patch_h
         self.num_mix = num_mix
-        self.smoothing = smoothing
+        # Label smoothing per contrast (docs/method.md §2): the published models were trained with
+        # 0.1 on the source and local-crop-vs-original terms and 0 on every mixed contrast.
+        self.smoothing_source = smoothing_source
+        self.smoothing_mix = smoothing_mix
 
     @property
     def key_encoder(self) -> nn.Module:
@@ -62,12 +68,10 @@ class PatchMixFramework(nn.Module):
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
-        """EMA of the parameters: momentum ← m·momentum + (1 − m)·base. No-op without one."""
-        if self.momentum is None:
-            return
-        momentum_params = list(self.momentum.parameters())
-        torch._foreach_mul_(momentum_params, m)
-        torch._foreach_add_(momentum_params, list(self.base.parameters()), alpha=1.0 - m)
+        """EMA of the parameters, one fused pass: momentum ← momentum + (1 − m)·(base − momentum).
+        No-op without a momentum encoder."""
+        if self.momentum is not None:
+            torch._foreach_lerp_(list(self.momentum.parameters()), list(self.base.parameters()), 1.0 - m)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         return self.predictor(self.base(x))
@@ -97,27 +101,29 @@ class PatchMixFramework(nn.Module):
         """
         v1, v2, *crops = views
         targets = patchmix_targets(v1.shape[0], self.num_mix, rank, device=v1.device)
-        contrast = partial(soft_target_contrastive, temperature=temperature, smoothing=self.smoothing)
+        source = partial(soft_target_contrastive, temperature=temperature, smoothing=self.smoothing_source)
+        mixed = partial(soft_target_contrastive, temperature=temperature, smoothing=self.smoothing_mix)
         mixed_v1, mixed_v2 = self._mix(v1, generator), self._mix(v2, generator)
 
         q1, k1 = self._query_and_key(v1)
         k1, k2, mk1 = gather(k1), gather(self._key(v2)), gather(self._key(mixed_v1))
         mq2 = self._query(mixed_v2)
         terms = {
-            "source": contrast(q1, k2, *targets.source),
-            "mix": contrast(mq2, k1, *targets.mix) / 2,
-            "mix_mix": contrast(mq2, mk1, *targets.mix_mix) / 2,
+            "source": source(q1, k2, *targets.source),
+            "mix": mixed(mq2, k1, *targets.mix) / 2,
+            "mix_mix": mixed(mq2, mk1, *targets.mix_mix) / 2,
         }
         if crops:
             mixed_crops = [self._mix(crop, generator) for crop in crops]
 
-            def crop_term(batch: list[torch.Tensor], target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            def crop_term(batch: list[torch.Tensor], contrast: Callable, target: tuple[torch.Tensor, torch.Tensor]
+                          ) -> torch.Tensor:
                 """Σ_c [CE(c, k1) + CE(c, k2)] / K. All crops share one forward, as published
                 (this sets the heads' BatchNorm statistics)."""
                 queries = self._query(torch.cat(batch)).chunk(len(batch))
                 return sum(contrast(q, k, *target) for q in queries for k in (k1, k2)) / len(batch)
 
-            terms["multi"] = crop_term(crops, targets.source)
-            terms["multi_mix"] = crop_term(mixed_crops, targets.mix)
+            terms["multi"] = crop_term(crops, source, targets.source)
+            terms["multi_mix"] = crop_term(mixed_crops, mixed, targets.mix)
         terms["loss"] = sum(terms.values())
         return terms

@@ -49,3 +49,15 @@ def test_perfect_match_at_low_temperature_tends_to_zero():
     keys = torch.eye(6)
     index, weight = patchmix_targets(6, 2).source
     assert soft_target_contrastive(keys, keys, index, weight, 0.01) < 1e-6
+
+
+def test_logits_and_softmax_in_float32_under_bf16_autocast():
+    """bf16 inputs under bf16 autocast give exactly the float32 computation from the same inputs
+    (autocast would otherwise run the logits matmul in bf16)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, 16, generator=gen).bfloat16(), torch.randn(16, 16, generator=gen).bfloat16()
+    index, weight = patchmix_targets(8, 2, rank=1).mix_mix
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = soft_target_contrastive(q, k, index, weight, 0.2, smoothing=0.1)
+    expected = soft_target_contrastive(q.float(), k.float(), index, weight, 0.2, smoothing=0.1)
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected)

@@ -204,10 +204,13 @@ def test_one_encoder_forward_per_view(momentum_encoder: bool, base_calls: int, m
 
 @pytest.mark.parametrize("momentum_encoder", [True, False])
 def test_loss_matches_direct_recomputation(momentum_encoder: bool) -> None:
-    """Rank 1 of 2 with smoothing and 2 local crops, mixes fixed by a seeded generator; the
-    momentum encoder is a fresh copy of the base, so every key is a base forward."""
-    num_mix, smoothing, tau, rank = 2, 0.1, 0.2, 1
-    fw = tiny_framework(momentum_encoder=momentum_encoder, num_mix=num_mix, smoothing=smoothing)
+    """Rank 1 of 2 with smoothing (different per contrast, to check which term gets which) and 2
+    local crops, mixes fixed by a seeded generator; the momentum encoder is a fresh copy of the
+    base, so every key is a base forward."""
+    num_mix, tau, rank = 2, 0.2, 1
+    smoothing = {"source": 0.1, "mix": 0.05}
+    fw = tiny_framework(momentum_encoder=momentum_encoder, num_mix=num_mix, smoothing_source=smoothing["source"],
+                        smoothing_mix=smoothing["mix"])
     other_rank_keys = torch.randn(BATCH, 16, generator=torch.Generator().manual_seed(3))
 
     def gather(keys: torch.Tensor) -> torch.Tensor:
@@ -230,7 +233,8 @@ def test_loss_matches_direct_recomputation(momentum_encoder: bool) -> None:
         return fw.predictor(fw.base(x))
 
     def ce(q: torch.Tensor, k: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return soft_target_contrastive(q, k, *target, tau, smoothing=smoothing)
+        kind = "source" if target is targets.source else "mix"
+        return soft_target_contrastive(q, k, *target, tau, smoothing=smoothing[kind])
 
     q1, mq2 = query(v1), query(m2)
     q_c1, q_c2 = query(torch.cat([c1, c2])).chunk(2)
@@ -248,6 +252,21 @@ def test_loss_matches_direct_recomputation(momentum_encoder: bool) -> None:
     torch.testing.assert_close(terms, expected)
     expected["loss"].backward()
     torch.testing.assert_close(grads, [p.grad for p in fw.parameters() if p.requires_grad])
+
+
+def test_source_term_is_the_dense_smoothed_cross_entropy() -> None:
+    """docs/method.md §2–3 written out densely: target ε/N + (1 − ε)·onehot(g), soft cross-entropy
+    of the normalised query of view 1 against the key of view 2, in float64."""
+    epsilon, tau = 0.1, 0.2
+    fw = tiny_framework(smoothing_source=epsilon, smoothing_mix=0.0)
+    v1, v2 = make_views(num_crops=0)
+    terms = fw([v1, v2], tau)
+    with torch.no_grad():
+        q1, k2 = fw.predictor(fw.base(v1)).double(), fw.momentum(v2).double()
+    target = torch.full((BATCH, BATCH), epsilon / BATCH, dtype=torch.float64) + (1 - epsilon) * torch.eye(BATCH)
+    logits = F.normalize(q1, dim=1) @ F.normalize(k2, dim=1).T / tau
+    expected = -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
+    assert terms["source"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_rejects_non_square_patches() -> None:

@@ -35,6 +35,7 @@ def test_published_configs_equal_the_recipe(name):
     assert (c.optim.weight_decay, c.optim.weight_decay_end) == (wd, wd_end)
     assert c.model.momentum_encoder is momentum and c.optim.momentum == 0.996
     assert (c.optim.temperature, c.model.drop_path, c.model.num_mix) == (0.2, 0.1, 2)
+    assert (c.model.smoothing_source, c.model.smoothing_mix) == (0.1, 0.0)  # as trained, docs/method.md §2
     assert c.data.global_scale == scale and c.data.local_crops == local
     if local:
         assert (c.data.local_size, c.data.local_scale) == (96, (0.05, 0.35))
@@ -110,14 +111,14 @@ def test_kill_and_resume_gives_identical_weights(cifar_root, tmp_path):
     while not (log.is_file() and len(log.read_text().splitlines()) >= 6):  # mid-way through epoch 2
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.05)
-    start = time.monotonic()
+    logged = len(log.read_text().splitlines())  # steps done (log_every=1) when the signal is sent
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
-    assert time.monotonic() - start < 10
     assert "stopped by signal" in out
     stopped_at = torch.load(interrupted / "last.pt", weights_only=True)["step"]
-    assert 6 <= stopped_at < 12
+    # the step running when the signal came, and at most two more while the flag is agreed one step late
+    assert logged <= stopped_at <= logged + 3 and stopped_at < 12
     resumed = run_train(cifar_root, interrupted, *args)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {interrupted / 'last.pt'} at step {stopped_at}" in resumed.stdout

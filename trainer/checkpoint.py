@@ -2,9 +2,15 @@
 import os
 import random
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import nn
+
+from configs.schema import as_dict
 
 LAST = "last.pt"
 
@@ -48,3 +54,43 @@ def prune(directory: Path, keep: int) -> None:
     numbered = sorted(directory.glob("checkpoint-*.pt"))
     for old in numbered[: max(0, len(numbered) - keep)]:
         old.unlink()
+
+
+class Checkpointer:
+    """The run's checkpoints in `output_dir`: `last.pt` every `every_minutes` and at every epoch's
+    end, `checkpoint-EPOCH.pt` every `keep_every_epochs` epochs and at the last, the newest
+    `keep_last` numbered ones kept. Every rank calls `save` (each contributes its RNG states);
+    rank 0 writes."""
+
+    def __init__(self, output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any,
+                 rank: int, world_size: int, steps_per_epoch: int) -> None:
+        self.output_dir, self.model, self.optimizer, self.config = output_dir, model, optimizer, config
+        self.rank, self.world_size, self.steps_per_epoch = rank, world_size, steps_per_epoch
+        self.last_saved = time.monotonic()
+
+    @property
+    def last(self) -> Path:
+        return self.output_dir / LAST
+
+    def due(self) -> bool:
+        """This rank's timer says `last.pt` should be refreshed (agreed over ranks by the caller)."""
+        return time.monotonic() - self.last_saved > 60 * self.config.checkpoint.every_minutes
+
+    def save(self, step: int) -> None:
+        """Write `last.pt` at `step`, and the numbered checkpoint when `step` ends a kept epoch."""
+        rng = [rng_state()]
+        if self.world_size > 1:
+            rng = [None] * self.world_size
+            dist.all_gather_object(rng, rng_state())
+        self.last_saved = time.monotonic()
+        if self.rank != 0:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
+                 "epoch": step / self.steps_per_epoch, "rng": rng, "config": as_dict(self.config),
+                 "code_version": code_version()}
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if not within and epoch and (epoch % self.config.checkpoint.keep_every_epochs == 0
+                                     or epoch == self.config.epochs):
+            save_atomic(state, self.output_dir / f"checkpoint-{epoch:04d}.pt")
+            prune(self.output_dir, self.config.checkpoint.keep_last)
+        save_atomic(state, self.last)

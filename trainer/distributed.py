@@ -1,9 +1,13 @@
-"""torchrun conventions: read RANK / LOCAL_RANK / WORLD_SIZE, NCCL on GPU and gloo on CPU."""
+"""torchrun conventions (RANK / LOCAL_RANK / WORLD_SIZE, NCCL on GPU and gloo on CPU) and the DDP wrapper."""
 import os
 from dataclasses import dataclass
+from inspect import signature
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -36,16 +40,6 @@ def init_process() -> Process:
     return Process(rank, local_rank, world_size, device)
 
 
-def gather_keys(keys: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's keys in rank order (no gradient: keys are detached, docs/method.md §3)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return keys
-    keys = keys.detach().contiguous()
-    out = keys.new_empty((dist.get_world_size() * keys.shape[0], *keys.shape[1:]))
-    dist.all_gather_into_tensor(out, keys)
-    return out
-
-
 def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
     """The average of `values` over all ranks (for logging)."""
     if dist.is_available() and dist.is_initialized():
@@ -53,3 +47,28 @@ def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return values
+
+
+def wrap_ddp(model: nn.Module, process: Process, bucket_cap_mb: float = 25.0, compress: str = "none") -> nn.Module:
+    """`model` (compiled or not) in DistributedDataParallel, set up for throughput.
+
+    - Compile first, then wrap (as nanoGPT does): dynamo traces only the model's forward, never
+      DDP's Python wrapper (which it cannot trace without graph breaks), and because DDP marks
+      itself active around that call, dynamo's DDPOptimizer splits the compiled graph at the
+      gradient-bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward.
+    - `gradient_as_bucket_view`: gradients live in the all-reduce buckets (no copy, less memory).
+    - No buffer broadcast before each forward: the only buffers are the heads' BatchNorm
+      statistics, already computed over the global batch on every rank (`model.batchnorm`), and
+      the momentum encoder's, an EMA of identical weights.
+    - `compress="bf16"`: all-reduce gradients in bf16 (PyTorch's `bf16_compress_hook`), halving
+      the traffic between nodes; gradients are averaged in bf16, so keep it for multi-node runs.
+    """
+    options = dict(device_ids=[process.device.index] if process.device.type == "cuda" else None,
+                   gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb)
+    # torch >= 2.14 renames broadcast_buffers; its forward_sync_buffers=False still syncs once at init, as we want.
+    sync_option = "forward_sync_buffers" if "forward_sync_buffers" in signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    ddp = DistributedDataParallel(model, **options, **{sync_option: False})
+    if compress == "bf16":
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return ddp

@@ -1,9 +1,14 @@
-"""What rank 0 reports every N steps: a progress bar, a JSONL file and TensorBoard; and MFU."""
+"""What rank 0 reports every N steps: a progress bar, a JSONL file and TensorBoard; throughput and MFU."""
 import json
 import resource
+import time
 from pathlib import Path
 
+from collections.abc import Callable, Iterable, Iterator
+
 import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -26,11 +31,65 @@ def count_flops(step) -> int:
     return counter.get_total_flops()
 
 
+def step_flops_per_image(build: Callable[[], nn.Module], view_shapes: list[tuple[int, ...]]) -> float:
+    """FLOPs per image of one training step (forward and backward) of the model `build()` makes,
+    on views of `view_shapes` (each `(B, C, H, W)`, the same `B`).
+
+    Counted on a shape-only copy (built on the meta device, then given fake tensors), so it costs
+    no memory, draws no random number, runs no collective and leaves the real model untouched:
+    every rank can call it at any start, resumed or not.
+    """
+    with torch.device("meta"):
+        model = build()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to_empty(device="cpu")
+        views = [torch.empty(shape) for shape in view_shapes]
+        flops = count_flops(lambda: model(views, temperature=1.0)["loss"].backward())
+    return flops / view_shapes[0][0]
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak GPU memory allocated, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+class Throughput:
+    """Images/s, step time and the share of time spent waiting for data, over the steps since the
+    last `window()` and over the whole run (this process's, not earlier runs' in the same folder)."""
+
+    def __init__(self, global_batch: int) -> None:
+        self.global_batch = global_batch
+        self.run_start = self.start = time.perf_counter()
+        self.steps = self.run_steps = 0
+        self.waiting = 0.0
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """`batches`, counting each one taken as a step and the time spent waiting for it."""
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.waiting += time.perf_counter() - start
+            if batch is None:
+                return
+            self.steps += 1
+            self.run_steps += 1
+            yield batch
+
+    def window(self) -> dict[str, float]:
+        """The window's figures; starts the next window."""
+        now = time.perf_counter()
+        elapsed = now - self.start
+        record = {"images_per_s": self.global_batch * self.steps / elapsed, "data_wait": self.waiting / elapsed,
+                  "step_time_s": elapsed / max(self.steps, 1)}
+        self.start, self.steps, self.waiting = now, 0, 0.0
+        return record
+
+    def run_rate(self) -> float:
+        """Images/s over this run so far."""
+        return self.global_batch * self.run_steps / (time.perf_counter() - self.run_start)
 
 
 class Monitor:

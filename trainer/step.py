@@ -24,6 +24,12 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [{"params": decay, "decay": True}, {"params": no_decay, "decay": False, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model)`, fused on every device: one kernel for all parameters, and
+    the step count stays a device tensor (the unfused versions read it on the host per parameter)."""
+    return torch.optim.AdamW(param_groups(model), lr=lr, fused=True)
+
+
 def train_step(step_model: nn.Module, model: PatchMixFramework, optimizer: torch.optim.Optimizer,
                views: list[torch.Tensor], *, temperature: float, momentum: float, clip_grad: float = 0.0,
                bf16: bool = False, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -7,6 +7,7 @@ Restarting the same command resumes from OUTPUT_DIR/last.pt, bit for bit. SIGTER
 `last.pt` after the current step and exit.
 """
 import argparse
+import os
 import signal
 import sys
 import time
@@ -15,31 +16,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from configs.schema import Config, ConfigError, as_dict, load_config, to_yaml
+from configs.schema import Config, ConfigError, load_config, to_yaml
 from evaluation.knn import extract_features, knn_classify
 from loaders.builder import build_loader
-from loaders.manifest import DatasetNotFoundError
+from loaders.manifest import ConvertedDataset, DatasetNotFoundError
 from loaders.shards import open_converted
 from model.batchnorm import convert_to_global
 from model.collectives import gather_keys
 from model.framework import PatchMixFramework
-from model.vit import create_vit
-from trainer import checkpoint
+from model.vit import ARCHS, create_vit
+from trainer import TrainingError, checkpoint
 from trainer.agreement import NonFiniteLoss, StopAgreement
 from trainer.checkpoint import Checkpointer
-from trainer.distributed import Process, init_process, mean_across_ranks, wrap_ddp
+from trainer.distributed import Process, agreed, init_process, mean_across_ranks, wrap_ddp
 from trainer.monitor import Monitor, Throughput, peak_flops, peak_memory_gb, step_flops_per_image
+from trainer.resume import check_dataset, config_changes, dataset_fingerprint, resume_state
 from trainer.schedules import Schedules
 from trainer.step import build_optimizer, set_schedule, train_step
-
-# Keys that may change when resuming a run; any other difference is an incompatible config.
-RESUMABLE_CHANGES = ("data.root", "data.backend", "data.workers", "compile", "log_every", "knn_every",
-                     "max_steps", "checkpoint.", "output_dir", "ddp.")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message says why and what to do."""
-
 
 def build_framework(config: Config) -> PatchMixFramework:
     """Encoder + heads + optional momentum encoder (docs/method.md §4), on the current default device."""
@@ -54,22 +47,35 @@ def build_model(config: Config, process: Process) -> PatchMixFramework:
     return convert_to_global(build_framework(config)).to(process.device)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
+def check_setup(config: Config, process: Process) -> ConvertedDataset:
+    """Everything that can be wrong before a run starts, checked before anything is written."""
+    if config.model.arch not in ARCHS:
+        raise ConfigError(f"model.arch must be one of {sorted(ARCHS)}; got {config.model.arch!r}")
+    if config.batch_size % process.world_size:
+        raise TrainingError(f"batch_size={config.batch_size} is not divisible by the world size "
+                            f"{process.world_size}: pick a multiple of {process.world_size}")
+    dataset = open_converted(config.data.root)  # a missing dataset says which command converts it
+    for split in (config.data.train_split, *([config.data.val_split] if config.knn_every else [])):
+        if split not in dataset.manifest["splits"]:
+            raise TrainingError(f"{config.data.root} has no split {split!r} (it has "
+                                f"{', '.join(dataset.manifest['splits'])}): set data.train_split / data.val_split")
+    count = dataset.count(config.data.train_split)
+    if count < config.batch_size:
+        raise TrainingError(f"the {config.data.train_split} split of {config.data.root} has {count} images, fewer "
+                            f"than one global batch of {config.batch_size}: lower batch_size")
+    return dataset
 
 
-def check_compatible(saved: dict, config: Config, path: Path) -> None:
-    """Refuse to resume a run whose config differs in anything but the RESUMABLE_CHANGES keys."""
-    old, new = flatten(saved), flatten(as_dict(config))
-    changed = [k for k in sorted(old.keys() | new.keys())
-               if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
-    if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise TrainingError(f"{path} was trained with a different config ({details}); use another output_dir "
-                            f"or restore those values")
+def write_config(output_dir: Path, config: Config) -> None:
+    """Create output_dir and save the resolved config in it (rank 0), or say why it cannot be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = output_dir / ".config.yaml.tmp"
+        tmp.write_text(to_yaml(config))
+        tmp.replace(output_dir / "config.yaml")
+    except OSError as error:
+        raise TrainingError(f"cannot write to output_dir {output_dir} ({error.strerror}): choose a writable "
+                            f"folder with output_dir=...") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,29 +85,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return train(load_config(args.config, args.overrides))
-    except (ConfigError, TrainingError, DatasetNotFoundError, NonFiniteLoss) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
+    except (ConfigError, TrainingError, DatasetNotFoundError) as error:
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank raises it (trainer.distributed.agreed): say it once
+            print(f"train.py: error: {error}", file=sys.stderr)
         return 1
 
 
 def train(config: Config) -> int:
     process = init_process()
     device, main_rank = process.device, process.is_main
-    if config.batch_size % process.world_size:
-        raise TrainingError(f"batch_size={config.batch_size} is not divisible by the world size "
-                            f"{process.world_size}: pick a multiple of {process.world_size}")
+    dataset = agreed(process, lambda: check_setup(config, process))
+    fingerprint = dataset_fingerprint(dataset, config.data.train_split)
+    output_dir = Path(config.output_dir)
+    resumed = resume_state(output_dir, process)
+    if resumed:
+        path, state, notes = resumed
+        changes = config_changes(state["config"], config, path)
+        check_dataset(state.get("dataset"), fingerprint, path, config.data.root)
+        if len(state["rng"]) != process.world_size:
+            raise TrainingError(f"{path} was written by {len(state['rng'])} processes; resume it with the "
+                                f"same number (got {process.world_size}) to continue bit for bit")
+    agreed(process, lambda: write_config(output_dir, config) if main_rank else None)
+    if main_rank:
+        print(to_yaml(config))
+
     batch_size = config.batch_size // process.world_size
     torch.manual_seed(config.seed + process.rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     use_bf16 = device.type == "cuda"
-    dataset = open_converted(config.data.root)  # a missing dataset says which command converts it
-
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if main_rank:
-        print(to_yaml(config))
-        (output_dir / "config.yaml").write_text(to_yaml(config))
-
     loader = build_loader(config.data, split=config.data.train_split, train=True, batch_size=batch_size,
                           seed=config.seed, rank=process.rank, world_size=process.world_size, device=device,
                           dtype=torch.bfloat16 if use_bf16 else torch.float32)
@@ -114,19 +125,16 @@ def train(config: Config) -> int:
     model = build_model(config, process)
     optimizer = build_optimizer(model, float(schedules.lr[0]))
     step = 0
-    last_path = output_dir / checkpoint.LAST
-    if last_path.is_file():
-        state = checkpoint.load(last_path)
-        check_compatible(state["config"], config, last_path)
-        if len(state["rng"]) != process.world_size:
-            raise TrainingError(f"{last_path} was written by {len(state['rng'])} processes; resume it with the "
-                                f"same number (got {process.world_size}) to continue bit for bit")
+    if resumed:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"][process.rank])
         step = state["step"]
         if main_rank:
-            print(f"resuming from {last_path} at step {step} (epoch {step // steps_per_epoch})")
+            for note in notes:
+                print(f"skipping a damaged checkpoint: {note}")
+            print(f"resuming from {path} at step {step} (epoch {step // steps_per_epoch})"
+                  + (f" with changed settings: {', '.join(changes)}" if changes else ""))
 
     # MFU on GPUs: FLOPs of the full step, counted once on shapes alone (no memory, RNG or collective).
     peak = peak_flops(device)
@@ -144,43 +152,51 @@ def train(config: Config) -> int:
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
     checkpointer = Checkpointer(output_dir, model, optimizer, config, process.rank, process.world_size,
-                                steps_per_epoch)
+                                steps_per_epoch, fingerprint, resumed=(path, step) if resumed else None)
     monitor = Monitor(output_dir, total_steps, step) if main_rank else None
     throughput = Throughput(config.batch_size)
     agreement = StopAgreement(device)
     stopping = False
-    while step < total_steps and not stopping:
-        epoch = step // steps_per_epoch
-        loader.set_epoch(epoch)
-        batches = iter(loader)
-        for _ in range(step - epoch * steps_per_epoch):  # mid-epoch resume: skip what was already trained on
-            next(batches)
-        for batch in throughput.timed(batches):
-            now = schedules.at(step)
-            set_schedule(optimizer, now["lr"], now["wd"])
-            terms = train_step(step_model, model, optimizer, batch.views, temperature=now["temperature"],
-                               momentum=now["momentum"], clip_grad=config.optim.clip_grad, bf16=use_bf16,
-                               gather=gather_keys, rank=process.rank)
-            step += 1
-            if monitor:
-                monitor.advance(1)
-            # Flags agreed over ranks one step late: the host reads step N-1's while step N runs.
-            agreement.submit(step, terms, stop=bool(stop_signal), save=checkpointer.due())
-            logging = step % config.log_every == 0 or step == total_steps
-            decided = agreement.settled(everything=logging)
-            stopping = stopping or decided.stop
-            if logging:
-                log_step(monitor, step, total_steps, terms, throughput, schedules, flops_per_image, peak, device)
-            epoch_done = step % steps_per_epoch == 0
-            if epoch_done and config.knn_every and (step // steps_per_epoch) % config.knn_every == 0:
-                knn_monitor(model, config, process, dataset, batch_size, monitor, step)
-            if epoch_done or decided.save or stopping or step == total_steps:
-                agreement.settled(everything=True)  # a checkpoint holds only steps checked finite
-                checkpointer.save(step)
-            if stopping or step == total_steps:
-                break
-    if monitor:
-        monitor.close()
+    try:
+        while step < total_steps and not stopping:
+            epoch = step // steps_per_epoch
+            loader.set_epoch(epoch)
+            batches = iter(loader)
+            for _ in range(step - epoch * steps_per_epoch):  # mid-epoch resume: skip what was already trained on
+                next(batches)
+            for batch in throughput.timed(batches):
+                now = schedules.at(step)
+                set_schedule(optimizer, now["lr"], now["wd"])
+                terms = train_step(step_model, model, optimizer, batch.views, temperature=now["temperature"],
+                                   momentum=now["momentum"], clip_grad=config.optim.clip_grad, bf16=use_bf16,
+                                   gather=gather_keys, rank=process.rank)
+                step += 1
+                if monitor:
+                    monitor.advance(1)
+                # Flags agreed over ranks one step late: the host reads step N-1's while step N runs.
+                agreement.submit(step, terms, stop=bool(stop_signal), save=checkpointer.due())
+                logging = step % config.log_every == 0 or step == total_steps
+                decided = agreement.settled(everything=logging or checkpointer.snapshot_step is not None)
+                checkpointer.commit()  # this step's finite loss proved the snapshot's weights
+                stopping = stopping or decided.stop
+                if logging:
+                    log_step(monitor, step, total_steps, terms, throughput, schedules, flops_per_image, peak, device)
+                epoch_done = step % steps_per_epoch == 0
+                if epoch_done and config.knn_every and (step // steps_per_epoch) % config.knn_every == 0:
+                    knn_monitor(model, config, process, dataset, batch_size, monitor, step)
+                if epoch_done or decided.save or stopping or step == total_steps:
+                    agreement.settled(everything=True)
+                    checkpointer.snapshot(step)
+                if stopping or step == total_steps:
+                    checkpointer.commit()
+                    break
+    except NonFiniteLoss as error:
+        raise TrainingError(f"{error}; {checkpointer.describe_last()} — lower optim.lr or enable optim.clip_grad "
+                            f"(both may change on resume), then rerun the same command to resume") from None
+    finally:
+        if monitor:
+            monitor.close()  # the progress bar ends before any error is printed
+    if main_rank:
         print(f"trained to step {step}/{total_steps}; throughput {throughput.run_rate():.1f} images/s in this run")
     if stopping and main_rank:
         print(f"stopped by signal at step {step}; {checkpointer.last} written, rerun the same command to resume")

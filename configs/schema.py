@@ -111,6 +111,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file {path} not found: pass --config with a YAML file, e.g. one in configs/")
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:

@@ -154,14 +154,13 @@ def open_dataset(out: Path | str, name: str) -> ConvertedDataset:
     """Read OUT/NAME/manifest.json; DatasetNotFoundError (with the command to run) if it is missing."""
     layout = Layout(Path(out) / name)
     if not layout.manifest.is_file():
-        state = ("A conversion into it was started but did not finish; run the same command again to resume it."
-                 if layout.partial.exists() else "Create it with:")
+        state = ("a conversion into it was started but did not finish; run the same command again to resume it:"
+                 if layout.partial.exists() else "create it with:")
         raise DatasetNotFoundError(
-            f"dataset {name!r} not found: {layout.manifest} does not exist. {state}\n"
-            f"    {convert_command(out, name)}")
+            f"dataset {name!r} not found: {layout.manifest} does not exist; {state} {convert_command(out, name)}")
     manifest = json.loads(layout.manifest.read_text())
     if manifest.get("manifest_version") != MANIFEST_VERSION:
         raise DatasetNotFoundError(
             f"{layout.manifest} has manifest version {manifest.get('manifest_version')}, this code reads "
-            f"version {MANIFEST_VERSION}; convert it again with --overwrite:\n    {convert_command(out, name)}")
+            f"version {MANIFEST_VERSION}; convert it again with --overwrite: {convert_command(out, name)}")
     return ConvertedDataset(layout, manifest)

@@ -193,3 +193,42 @@ def test_ranks_agree_one_step_late_on_stop_save_and_nonfinite(tmp_path: Path) ->
     assert [r["error_at"] for r in results] == [5, 5]
     assert "non-finite loss at step 4: on another rank" in results[0]["error"]
     assert "non-finite loss at step 4: source=nan, loss=nan" in results[1]["error"]
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming: rank 0 decides, every rank loads the same file
+# --------------------------------------------------------------------------------------------
+def _resume(rank: int, folders: list[str]) -> dict:
+    from trainer import TrainingError
+    from trainer.distributed import Process
+    from trainer.resume import resume_state
+
+    process = Process(rank, rank, WORLD, torch.device("cpu"))
+    try:
+        found = resume_state(Path(folders[rank]), process)
+    except TrainingError as error:
+        return {"error": str(error)}
+    return {"path": str(found[0]), "step": found[1]["step"]} if found else {"path": None}
+
+
+@pytest.mark.parametrize("who_sees", ["both", "rank 0 only", "rank 1 only", "neither"])
+def test_every_rank_resumes_from_rank_0s_checkpoint_or_all_fail(tmp_path: Path, who_sees: str) -> None:
+    """A folder per rank stands for each node's view of output_dir: the same folder when storage is
+    shared; otherwise one rank sees checkpoints the other does not, and both fail saying so."""
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    shared.mkdir()
+    local.mkdir()
+    torch.save({"model": {}, "optimizer": {}, "step": 12, "rng": [], "config": {}}, shared / "last.pt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    folders = {"both": [shared, shared], "rank 0 only": [shared, empty], "rank 1 only": [empty, shared],
+               "neither": [empty, empty]}[who_sees]
+    results = run_ranks(_resume, tmp_path, [str(f) for f in folders])
+    if who_sees == "both":
+        assert results == [{"path": str(shared / "last.pt"), "step": 12}] * 2
+    elif who_sees == "neither":
+        assert results == [{"path": None}] * 2
+    else:
+        assert all("output_dir must be on storage shared by all nodes" in r["error"] for r in results), results
+        assert results[0] == results[1]  # the same message on every rank, naming the rank that failed
+        assert "on rank 1:" in results[0]["error"]

@@ -1,6 +1,7 @@
 """train.py on CPU: configs, a smoke run, DDP with gloo, kill-and-resume, SIGTERM, errors."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,21 +128,188 @@ def test_kill_and_resume_gives_identical_weights(cifar_root, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
 
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The run failed with exit status 1 and one `train.py: error:` line (after any progress bar)."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1].split("\r")[-1]
+    assert last.startswith("train.py: error: "), result.stderr
+    return last
+
+
+@pytest.mark.parametrize("case", ["missing config", "unknown arch", "unwritable output_dir", "missing dataset",
+                                  "batch larger than the split (memory)", "batch larger than the split (ffcv)"])
+def test_setup_errors_are_one_line_and_write_nothing(case, cifar_root, tmp_path):
+    output = tmp_path / "out"
+    command = {
+        "missing config": [sys.executable, str(REPO / "train.py"), "--config", str(tmp_path / "nope.yaml")],
+        "unknown arch": train_command(cifar_root, output, "model.arch=vit_smal"),
+        "unwritable output_dir": train_command(cifar_root, tmp_path / "a-file" / "out"),  # root ignores chmod
+        "missing dataset": train_command(str(tmp_path / "nowhere" / "cifar10"), output),
+        "batch larger than the split (memory)": train_command(cifar_root, output, "batch_size=512"),
+        "batch larger than the split (ffcv)": train_command(cifar_root, output, "batch_size=512", "data.backend=ffcv"),
+    }[case]
+    (tmp_path / "a-file").write_text("")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    message = one_line_error(result)
+    expected = {"missing config": "nope.yaml not found", "unknown arch": "model.arch must be one of",
+                "unwritable output_dir": "cannot write to output_dir", "missing dataset": "python convert_datasets.py",
+                "batch larger than the split (memory)": "has 300 images, fewer than one global batch of 512",
+                "batch larger than the split (ffcv)": "has 300 images, fewer than one global batch of 512"}[case]
+    assert expected in message
+    assert not output.exists()  # nothing is written before the config and the set-up are valid
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory) -> str:
+    """scikit-learn's digits converted (DALI shards only): a second, different dataset."""
+    import convert_datasets
+
+    out = tmp_path_factory.mktemp("digits")
+    assert convert_datasets.main(["digits", "--out", str(out), "--formats", "dali", "--workers", "1"]) == 0
+    return str(out / "digits")
+
+
+@pytest.fixture(scope="module")
+def trained_run(cifar_root, tmp_path_factory) -> Path:
+    """The first 2 of 3 epochs (8 steps) of the tiny model with a numbered checkpoint after each
+    epoch (read-only by convention: tests copy it)."""
+    output = tmp_path_factory.mktemp("trained") / "run"
+    result = run_train(cifar_root, output, "epochs=3", "max_steps=8", "batch_size=64", "checkpoint.keep_every_epochs=1")
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+def copy_run(trained_run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(trained_run, target)
+    return target
+
+
 @pytest.mark.slow
-def test_errors_name_the_problem(cifar_root, tmp_path):
-    missing = run_train(str(tmp_path / "nowhere" / "cifar10"), tmp_path / "a")
-    assert missing.returncode == 1
-    assert "python convert_datasets.py cifar10" in missing.stderr
-    assert run_train(cifar_root, tmp_path / "b", "epochs=1", "batch_size=64").returncode == 0
-    incompatible = run_train(cifar_root, tmp_path / "b", "epochs=1", "batch_size=64", "model.dim=16")
-    assert incompatible.returncode == 1
-    assert "model.dim: 32 -> 16" in incompatible.stderr
-    exploding = run_train(cifar_root, tmp_path / "d", "epochs=2", "batch_size=64", "optim.lr=1e12",
-                          "optim.warmup_epochs=0")
-    assert exploding.returncode == 1
-    assert "non-finite loss at step" in exploding.stderr and "the last checkpoint is kept" in exploding.stderr
+def test_diverging_run_keeps_its_good_checkpoint_and_the_advice_works(cifar_root, trained_run, tmp_path):
+    output = copy_run(trained_run, tmp_path)
+    good = (output / "last.pt").read_bytes()
+    exploding = run_train(cifar_root, output, "epochs=3", "batch_size=64", "checkpoint.keep_every_epochs=1",
+                          "optim.lr=1e12", "checkpoint.every_minutes=0.00001")
+    message = one_line_error(exploding)
+    assert "non-finite loss at step" in message and f"{output / 'last.pt'} (step 8) is kept" in message
+    assert (output / "last.pt").read_bytes() == good  # not even overwritten by an identical state
+    assert all(torch.isfinite(v).all() for v in weights(output).values() if v.is_floating_point())
+    # the advice: rerun with another lr; it resumes from the good step and says what changed
+    resumed = run_train(cifar_root, output, "epochs=3", "batch_size=64", "checkpoint.keep_every_epochs=1",
+                        "optim.lr=1e-3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {output / 'last.pt'} at step 8 (epoch 2)\n" in resumed.stdout  # the lr it was trained with
+    changed = run_train(cifar_root, copy_run(trained_run, tmp_path / "again"), "epochs=3", "batch_size=64",
+                        "checkpoint.keep_every_epochs=1", "optim.lr=5e-4")
+    assert changed.returncode == 0, changed.stderr
+    assert "with changed settings: optim.lr: 0.001 -> 0.0005" in changed.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_last_checkpoint_falls_back_to_the_newest_numbered_one(cifar_root, trained_run, tmp_path, damage):
+    output = copy_run(trained_run, tmp_path)
+    last = output / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2] if damage == "truncated" else b"")
+    resumed = run_train(cifar_root, output, "epochs=3", "batch_size=64", "checkpoint.keep_every_epochs=1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipping a damaged checkpoint: {last} is unreadable, truncated or corrupt" in resumed.stdout
+    assert f"resuming from {output / 'checkpoint-0002.pt'} at step 8 (epoch 2)" in resumed.stdout
+    assert torch.load(last, weights_only=True)["step"] == 12
+
+
+@pytest.mark.slow
+def test_all_checkpoints_damaged_is_an_error(cifar_root, trained_run, tmp_path):
+    output = copy_run(trained_run, tmp_path)
+    for path in output.glob("*.pt"):
+        path.write_bytes(b"not a checkpoint")
+    message = one_line_error(run_train(cifar_root, output, "epochs=3", "batch_size=64"))
+    assert f"no checkpoint in {output} can be resumed from" in message and "Move them away" in message
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_dataset_but_follows_a_moved_one(cifar_root, trained_run, digits_root, tmp_path):
+    output = copy_run(trained_run, tmp_path)
+    other = one_line_error(run_train(digits_root, output, "epochs=3", "batch_size=64"))
+    assert "was trained on a different dataset (300 images" in other and "(1437 images" in other
+    moved = tmp_path / "moved" / "cifar10"
+    shutil.copytree(cifar_root, moved)
+    resumed = run_train(str(moved), output, "epochs=3", "batch_size=64", "checkpoint.keep_every_epochs=1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at step 8 (epoch 2)" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_incompatible_config_is_refused_naming_the_keys(cifar_root, trained_run, tmp_path):
+    output = copy_run(trained_run, tmp_path)
+    config = (output / "config.yaml").read_text()
+    message = one_line_error(run_train(cifar_root, output, "epochs=3", "batch_size=64", "model.dim=16"))
+    assert "model.dim: 32 -> 16" in message
+    assert (output / "config.yaml").read_text() == config  # the run's own config is not overwritten
+
+
+@pytest.mark.slow
+def test_max_steps_stops_mid_epoch(cifar_root, tmp_path):
+    result = run_train(cifar_root, tmp_path, "epochs=3", "batch_size=64", "max_steps=6")
+    assert result.returncode == 0, result.stderr
+    assert "trained to step 6/6" in result.stdout
+    assert [r["step"] for r in log_records(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 6
+
+
+@pytest.mark.slow
+def test_knn_monitor_runs_and_the_run_ends_cleanly(cifar_root, tmp_path):
+    result = run_train(cifar_root, tmp_path, "epochs=2", "batch_size=64", "knn_every=1", "log_every=3")
+    assert result.returncode == 0, result.stderr
+    knn = [r for r in log_records(tmp_path) if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [4, 8] and all(0 <= r["knn_top1"] <= 100 for r in knn)
+    assert "trained to step 8/8; throughput" in result.stdout
+
+
+@pytest.mark.slow
+def test_world_size_must_divide_the_batch(cifar_root, tmp_path):
     odd = run_train(cifar_root, tmp_path / "c", "batch_size=33",
                     launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                               "--master_port", "29532"))
     assert odd.returncode != 0
     assert "batch_size=33 is not divisible by the world size 2" in odd.stderr
+    assert odd.stderr.count("train.py: error:") == 1  # said once, by rank 0
+
+
+def worker_pids(launcher_pid: int) -> list[int]:
+    """The train.py processes a torchrun launcher started (its children running train.py)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == launcher_pid and b"train.py" in (stat.parent / "cmdline").read_bytes():
+                pids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(pids)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_next_steps(cifar_root, tmp_path):
+    """log_every is far away: the stop is agreed every step, not when the ranks next log."""
+    command = train_command(cifar_root, tmp_path, "epochs=50", "batch_size=32", "log_every=1000",
+                            "checkpoint.every_minutes=0.00001",
+                            launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                      "--master_port", "29533"))
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "last.pt").is_file():  # a few steps are done
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+    workers = worker_pids(launcher.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGTERM)
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err
+    stopped_at = torch.load(tmp_path / "last.pt", weights_only=True)["step"]
+    assert f"stopped by signal at step {stopped_at};" in out
+    assert stopped_at < 50 * (300 // 32)  # long before the end (and before any log at step 1000)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from model.collectives import world_size
+from trainer import TrainingError
 
 NONFINITE, STOP, SAVE = range(3)
 
@@ -84,11 +85,10 @@ class StopAgreement:
         return Agreement(step, nonfinite, stop, save, dict(zip(names, values.tolist())))
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(TrainingError):
     """Some rank's loss was not finite at a step: names the step and this rank's non-finite terms."""
 
     def __init__(self, agreement: Agreement) -> None:
         bad = [f"{name}={value:.4g}" for name, value in agreement.terms.items() if not math.isfinite(value)]
-        super().__init__(f"non-finite loss at step {agreement.step}: {', '.join(bad) or 'on another rank'}; the last "
-                         f"checkpoint is kept — lower optim.lr or enable optim.clip_grad, then rerun to resume")
+        super().__init__(f"non-finite loss at step {agreement.step}: {', '.join(bad) or 'on another rank'}")
         self.step = agreement.step

@@ -1,13 +1,19 @@
 """torchrun conventions (RANK / LOCAL_RANK / WORLD_SIZE, NCCL on GPU and gloo on CPU) and the DDP wrapper."""
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from inspect import signature
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
+
+from trainer import TrainingError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,3 +78,26 @@ def wrap_ddp(model: nn.Module, process: Process, bucket_cap_mb: float = 25.0, co
     if compress == "bf16":
         ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
     return ddp
+
+
+def agreed(process: Process, check: Callable[[], T]) -> T:
+    """`check()` on every rank; if it raises a `TrainingError` (or a config/dataset error) on any
+    rank, every rank raises it, so that no rank is left waiting in a collective for one that quit
+    (a dataset missing on one node, a checkpoint another node cannot see)."""
+    from configs.schema import ConfigError
+    from loaders.manifest import DatasetNotFoundError
+
+    error, result = None, None
+    try:
+        result = check()
+    except (TrainingError, ConfigError, DatasetNotFoundError) as raised:
+        error = str(raised)
+    errors = [error]
+    if process.world_size > 1:
+        errors = [None] * process.world_size
+        dist.all_gather_object(errors, error)
+    failed = next(((rank, message) for rank, message in enumerate(errors) if message), None)
+    if failed:
+        rank, message = failed
+        raise TrainingError(message if process.world_size == 1 else f"on rank {rank}: {message}")
+    return result

@@ -8,12 +8,9 @@
 Each sample's augmentation is seeded by `(seed, epoch, rank, position)`, so a batch does not
 depend on which worker made it, and a resumed run sees the same images as an uninterrupted one.
 """
-import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import partial
 
-import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image, ImageOps
@@ -21,10 +18,11 @@ from timm.data import auto_augment, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from loaders.augment import IMAGENET_MEAN, IMAGENET_STD
+from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
 from loaders.sampling import epoch_indices, num_batches
+from loaders.seeding import derive_seed, seeded
 from loaders.shards import ShardSamples
-from loaders.torchvision_backend import eval_view
+from loaders.eval_view import eval_view
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -80,21 +78,6 @@ def repeated_indices(num_samples: int, batch_size: int, *, repeats: int, seed: i
     return order.repeat_interleave(repeats)[: len(order)][rank::world_size]
 
 
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed Python's, NumPy's and torch's RNGs (all three drive the transforms), then restore them."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
-
-
 class _Transformed(Dataset):
     """Item `(index, seed)`: the sample's transformed image and its label."""
 
@@ -107,7 +90,7 @@ class _Transformed(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = item
         image, label = self.samples.decode(index)
-        with _seeded(seed):
+        with seeded(seed):
             return self.transform(image), label
 
 
@@ -126,7 +109,7 @@ class _EpochOrder(Sampler):
         return epoch_indices(self.num_samples, self.batch_size, train=self.train, **sharding)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter((index, hash((self.seed, self.epoch, self.rank, position)) % 2**62)
+        return iter((index, derive_seed(self.seed, self.epoch, self.rank, position))
                     for position, index in enumerate(self.indices().tolist()))
 
     def __len__(self) -> int:

@@ -17,7 +17,6 @@ reproduces an uninterrupted one. Raising `epochs` continues a finished run on th
 """
 import json
 import math
-import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from configs.schema import as_dict, to_yaml
 from evaluation.data import ImageLoader, Transform, eval_transform, linear_train_transform
 from evaluation.protocol_config import FinetuneConfig, LinearConfig, check_protocol_config
 from evaluation.weights import EncoderSpec, load_encoder
+from loaders.seeding import derive_seed, seed_global_rngs
 from loaders.shards import ShardSamples, open_converted
 from model.vit import ViT
 from trainer import checkpoint
@@ -159,14 +159,6 @@ def run_identity(config: ProtocolConfig, weights: str, random_init: bool) -> dic
     return {**identity, "weights": str(Path(weights).resolve()), "random_init": random_init}
 
 
-def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Python's, NumPy's (timm's Mixup) and torch's (drop path) RNGs, from `(seed, epoch, rank)`."""
-    value = hash((seed, epoch, rank)) % 2**32
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-
-
 def fit(run: Run) -> list[dict]:
     """Train and validate every remaining epoch, resuming from `last.pt`; the per-epoch records."""
     config, process = run.config, run.setup.process
@@ -192,7 +184,7 @@ def fit(run: Run) -> list[dict]:
 
     steps_per_epoch = len(run.train_loader)
     for epoch in range(len(history), config.epochs):
-        _seed_epoch(config.seed, epoch, process.rank)
+        seed_global_rngs(derive_seed(config.seed, epoch, process.rank))
         run.train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=process.device)
         bar = tqdm(run.train_loader, desc=f"{run.name} epoch {epoch + 1}/{config.epochs}", leave=False,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from evaluation.weights import load_encoder
 from loaders.shards import ShardSamples, open_converted
-from loaders.torchvision_backend import eval_view
+from loaders.eval_view import eval_view
 
 MAX_CANDIDATES = 2000  # keys are chosen among this many samples of the split (plus the query)
 

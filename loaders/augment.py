@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
+
 SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize(img, 128) inverts values >= 128
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # torchvision's ColorJitter op ids (`fn_idx`)
 

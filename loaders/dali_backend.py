@@ -43,9 +43,11 @@ from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
 
-from loaders.augment import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, ViewSpec, recipe_views
+from loaders.augment import SOLARIZE_THRESHOLD, ViewSpec, recipe_views
 from loaders.builder import Batch, LoaderSettings
+from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD, eval_resize_length
 from loaders.sampling import epoch_indices, num_batches
+from loaders.seeding import derive_seed
 from loaders.shards import ShardSamples, open_converted
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 windows before its centre fallback
@@ -195,7 +197,7 @@ def _eval_window(height: DataNode, width: DataNode, size: int) -> tuple[DataNode
     """The ROI of the input that torchvision's eval transform keeps: `resize(int(size·256/224))`
     (short side to that length, long side `int(short·long/short)`) then `center_crop(size)`
     (offset `round((resized − size)/2)`), mapped back to input pixels."""
-    short = int(size * 256 / 224)
+    short = eval_resize_length(size)
     portrait = width <= height  # torchvision's `short, long = (w, h) if w <= h else (h, w)`
     new_h = _where(portrait, dmath.floor(short * height / width), short)
     new_w = _where(portrait, short, dmath.floor(short * width / height))
@@ -250,7 +252,7 @@ class DaliLoader:
         dtype = DALI_DTYPES.get(s.dtype, types.FLOAT)
         pipeline = Pipeline(batch_size=s.batch_size, num_threads=max(1, s.data.workers),
                             device_id=_cuda_index(s.device) if on_gpu else None,
-                            seed=hash((s.seed, self.epoch, s.rank)) % 2**31)
+                            seed=derive_seed(s.seed, self.epoch, s.rank))
         with pipeline:
             encoded, labels, indices = fn.external_source(
                 _EpochSource(self.samples, order, s.batch_size), num_outputs=3, batch=True,

@@ -35,26 +35,14 @@ from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.pipeline.state import State
 from ffcv.traversal_order.base import TraversalOrder
 
-from loaders.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, apply, draw_params, recipe_views
+from loaders.augment import ViewSpec, apply, draw_params, recipe_views
+from loaders.eval_view import eval_resize_length, normalise
 from loaders.builder import Batch, LoaderSettings
-from loaders.sampling import batch_seed, epoch_indices, num_batches
+from loaders.sampling import epoch_indices, num_batches
+from loaders.seeding import derive_seed
 from loaders.shards import open_converted
 
 BATCHES_AHEAD = 2
-MASK32 = 0xFFFFFFFF
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The 32-bit seed of sample `index`'s crops in `epoch`: the three chained through the lowbias32
-    hash, written so that numba (wrapping int64) and Python compute the same value."""
-    key = 0
-    for value in (seed, epoch, index):
-        x = (key ^ value) & MASK32
-        x = (x ^ (x >> 16)) * 0x7FEB352D & MASK32
-        x = (x ^ (x >> 15)) * 0x846CA68B & MASK32
-        key = x ^ (x >> 16)
-    return key
-
 
 class MultiViewRGBImageDecoder(Operation):
     """FFCV decoder of an `RGBImageField` into every view of a sample, from one decode.
@@ -109,7 +97,7 @@ class MultiViewRGBImageDecoder(Operation):
 
     def generate_code(self) -> Callable:
         memory_read, my_range = self.memory_read, Compiler.get_iterator()
-        decode_jpeg, seed_of, cut = Compiler.compile(imdecode), Compiler.compile(sample_seed), self._cutter()
+        decode_jpeg, seed_of, cut = Compiler.compile(imdecode), Compiler.compile(derive_seed), self._cutter()
         sizes, offsets, jpg = self.sizes, self.offsets, IMAGE_MODES["jpg"]
         seed_epoch_address = self.seed_epoch.ctypes.data
 
@@ -164,11 +152,6 @@ def _stop(batches: EpochIterator) -> None:
             batches.output_queue.get_nowait()
 
 
-def _normalise(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 `(B, 3, S, S)` -> normalised `dtype` (the evaluation view)."""
-    return TF.normalize(images.float() / 255, list(IMAGENET_MEAN), list(IMAGENET_STD)).to(dtype)
-
-
 class FfcvLoader:
     """Batches from one FFCV `Loader` over the split's `.beton`, decoding in `data.workers` threads (at
     most one per core)."""
@@ -184,7 +167,7 @@ class FfcvLoader:
             self.decoder = MultiViewRGBImageDecoder(self.specs)
         else:
             self.specs = [ViewSpec(data.image_size, (1.0, 1.0))]
-            self.decoder = MultiViewRGBImageDecoder(self.specs, short_side=int(data.image_size * 256 / 224))
+            self.decoder = MultiViewRGBImageDecoder(self.specs, short_side=eval_resize_length(data.image_size))
         threads = min(max(1, data.workers), numba.config.NUMBA_NUM_THREADS)  # numba refuses more than it started
         self.loader = Loader(str(dataset.ffcv_file(settings.split)), batch_size=settings.batch_size,
                              num_workers=threads, order=_EpochOrder(settings, self.num_samples),
@@ -228,8 +211,8 @@ class FfcvLoader:
         crops = [pixels[:, start:end].unflatten(1, (spec.size, spec.size, 3)).permute(0, 3, 1, 2).contiguous()
                  for spec, start, end in zip(self.specs, self.decoder.offsets, self.decoder.offsets[1:])]
         if not s.train:
-            return [_normalise(crops[0], s.dtype)], []
-        generator = torch.Generator(s.device).manual_seed(batch_seed(s.seed, self.epoch, s.rank, number))
+            return [normalise(crops[0], s.dtype)], []
+        generator = torch.Generator(s.device).manual_seed(derive_seed(s.seed, self.epoch, s.rank, number))
         areas = torch.tensor(areas, device=s.device)
         views, params = [], []
         for v, (spec, images) in enumerate(zip(self.specs, crops)):

@@ -12,10 +12,12 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from loaders.augment import IMAGENET_MEAN, IMAGENET_STD, apply, draw_params, recipe_views
+from loaders.augment import apply, draw_params, recipe_views
 from loaders.builder import Batch, LoaderSettings
 from loaders.crop import random_resized_crop
-from loaders.sampling import batch_seed, epoch_indices, num_batches
+from loaders.eval_view import eval_views
+from loaders.sampling import epoch_indices, num_batches
+from loaders.seeding import derive_seed
 from loaders.shards import ShardSamples, open_converted
 
 
@@ -36,14 +38,6 @@ def load_split(samples: ShardSamples, workers: int = 4) -> tuple[np.ndarray, np.
                          f"(e.g. {sorted(shapes)[:3]}): use data.backend=ffcv or dali")
     images = np.stack([image for image, _ in decoded]).transpose(0, 3, 1, 2)
     return np.ascontiguousarray(images), np.array([label for _, label in decoded], dtype=np.int64)
-
-
-def eval_views(images: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Evaluation transform on a uint8 batch: bicubic resize of the short side to `size·256/224`,
-    centre crop, normalise (the batched twin of `torchvision_backend.eval_view`)."""
-    resized = TF.resize(images, [int(size * 256 / 224)], TF.InterpolationMode.BICUBIC, antialias=True)
-    x = TF.center_crop(resized, [size]).float() / 255
-    return TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD)).to(dtype)
 
 
 class MemoryLoader:
@@ -76,7 +70,7 @@ class MemoryLoader:
             if not s.train:
                 yield Batch([eval_views(images, s.data.image_size, s.dtype)], self.labels[indices], indices)
                 continue
-            generator.manual_seed(batch_seed(s.seed, self.epoch, s.rank, number))
+            generator.manual_seed(derive_seed(s.seed, self.epoch, s.rank, number))
             views, params = [], []
             for spec in self.specs:
                 crops, boxes = random_resized_crop(images, spec, generator)

@@ -8,6 +8,8 @@ the ranks' sizes differ by at most one and together cover every sample exactly o
 """
 import torch
 
+from loaders.seeding import derive_seed
+
 
 def epoch_indices(num_samples: int, batch_size: int, *, train: bool, seed: int = 0, epoch: int = 0,
                   rank: int = 0, world_size: int = 1) -> torch.Tensor:
@@ -18,7 +20,7 @@ def epoch_indices(num_samples: int, batch_size: int, *, train: bool, seed: int =
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank}")
     if train:
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
         order = torch.randperm(num_samples, generator=generator)
         global_batch = batch_size * world_size
         if num_samples < global_batch:
@@ -37,7 +39,3 @@ def num_batches(num_samples: int, batch_size: int, *, train: bool, rank: int = 0
     local = len(range(rank, num_samples, world_size))
     return -(-local // batch_size)
 
-
-def batch_seed(seed: int, epoch: int, rank: int, number: int) -> int:
-    """The seed of batch `number`'s augmentations on `rank` in `epoch`: any batch can be recomputed alone."""
-    return hash((seed, epoch, rank, number)) % 2**62

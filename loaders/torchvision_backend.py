@@ -15,13 +15,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from loaders.augment import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, ViewSpec, recipe_views
+from loaders.augment import SOLARIZE_THRESHOLD, ViewSpec, recipe_views
+from loaders.eval_view import eval_view, to_tensor
 from loaders.builder import Batch, LoaderSettings
 from loaders.sampling import epoch_indices, num_batches
+from loaders.seeding import derive_seed, seed_global_rngs
 from loaders.shards import ShardSamples, open_converted
-
-_TO_TENSOR = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
 
 def _chance(p: float) -> bool:
     """torchvision's `RandomApply` coin: `p < torch.rand(1)` means skip."""
@@ -44,13 +43,7 @@ def published_view(image: Image.Image, spec: ViewSpec) -> tuple[torch.Tensor, di
         image = ImageOps.solarize(image, round(SOLARIZE_THRESHOLD * 255))
     if decisions.setdefault("flip", _chance(spec.flip_prob)):
         image = TF.hflip(image)
-    return _TO_TENSOR(image), decisions
-
-
-def eval_view(image: Image.Image, size: int) -> torch.Tensor:
-    """Evaluation transform (docs/method.md §7): resize the short side to `size·256/224` (bicubic), centre crop."""
-    image = TF.resize(image, int(size * 256 / 224), T.InterpolationMode.BICUBIC)
-    return _TO_TENSOR(TF.center_crop(image, size))
+    return to_tensor(image), decisions
 
 
 class _Views(Dataset):
@@ -67,8 +60,7 @@ class _Views(Dataset):
         image, label = self.samples.decode(index)
         if self.eval_size is not None:
             return [eval_view(image, self.eval_size)], label, index, []
-        torch.manual_seed(seed)
-        random.seed(seed)
+        seed_global_rngs(seed)
         views, decisions = zip(*(published_view(image, spec) for spec in self.specs))
         return list(views), label, index, list(decisions)
 
@@ -83,7 +75,7 @@ class _EpochSampler(Sampler):
         s = self.settings
         indices = epoch_indices(self.num_samples, s.batch_size, train=s.train, seed=s.seed, epoch=self.epoch,
                                 rank=s.rank, world_size=s.world_size).tolist()
-        return iter((i, hash((s.seed, self.epoch, i)) % 2**62) for i in indices)
+        return iter((i, derive_seed(s.seed, self.epoch, i)) for i in indices)
 
     def __len__(self) -> int:
         return len(epoch_indices(self.num_samples, self.settings.batch_size, train=self.settings.train,

@@ -14,9 +14,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode
 
-from loaders.augment import (BRIGHTNESS, CONTRAST, HUE, IMAGENET_MEAN, IMAGENET_STD, SATURATION, SOLARIZE_THRESHOLD,
-                             ViewSpec, apply, augment, draw_params, recipe_views)
+from loaders.augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, SOLARIZE_THRESHOLD, ViewSpec, apply, augment,
+                             draw_params, recipe_views)
 from loaders.crop import crop_boxes, random_resized_crop, resized_crop
+from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
 
 # Every op off: `apply` only normalises. Tests switch on the op they check.
 PLAIN = ViewSpec(16, (0.5, 1.0), jitter_prob=0.0, grayscale_prob=0.0, flip_prob=0.0)

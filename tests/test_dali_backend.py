@@ -25,12 +25,13 @@ from nvidia.dali.pipeline import Pipeline  # noqa: E402
 
 import convert_datasets  # noqa: E402
 from configs.schema import DataConfig  # noqa: E402
-from loaders.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, recipe_views  # noqa: E402
+from loaders.augment import ViewSpec, recipe_views  # noqa: E402
+from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from loaders.builder import build_loader  # noqa: E402
 from loaders.dali_backend import FLAGS, _jitter, _train_view  # noqa: E402
 from loaders.sampling import epoch_indices, num_batches  # noqa: E402
 from loaders.shards import ShardSamples, open_converted  # noqa: E402
-from loaders.torchvision_backend import eval_view  # noqa: E402
+from loaders.eval_view import eval_view  # noqa: E402
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

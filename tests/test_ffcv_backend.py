@@ -18,11 +18,11 @@ import loaders.ffcv_backend as ffcv_backend  # noqa: E402
 from configs.schema import DataConfig  # noqa: E402
 from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
-from loaders.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from loaders.builder import Batch, build_loader  # noqa: E402
 from loaders.sampling import epoch_indices  # noqa: E402
 from loaders.shards import ShardSamples, open_converted  # noqa: E402
-from loaders.torchvision_backend import eval_view  # noqa: E402
+from loaders.eval_view import eval_view  # noqa: E402
 
 CIFAR_BATCH = 16  # per rank: 300 samples, 2 ranks -> 9 batches each, 12 samples dropped
 SEED = 7

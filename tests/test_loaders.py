@@ -11,7 +11,7 @@ from configs.schema import DataConfig
 from loaders.builder import build_loader
 from loaders.sampling import epoch_indices
 from loaders.shards import ShardSamples, open_converted
-from loaders.torchvision_backend import eval_view
+from loaders.eval_view import eval_view
 
 BACKENDS = ["memory", "torchvision", "ffcv", "dali"]
 BATCH = 32

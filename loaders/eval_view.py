@@ -1,0 +1,43 @@
+"""The evaluation view, in one place: short side resized to `size·256/224` (bicubic), centre crop
+`size`, ImageNet normalisation (docs/method.md §7).
+
+`eval_view` is the PIL reference (the torchvision backend, kNN, linear and fine-tune protocols);
+`eval_views` is its batched uint8-tensor twin (memory backend); the FFCV and DALI backends compute
+the same window with `eval_resize_length`. `normalise` is the one uint8 → normalised conversion.
+"""
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+import torchvision.transforms.v2.functional as TF2
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def eval_resize_length(size: int) -> int:
+    """The short side the image is resized to before the centre crop of `size`."""
+    return int(size * 256 / 224)
+
+
+def normalise(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 `(…, 3, H, W)` in [0, 255] (or float in [0, 1]) -> ImageNet-normalised `dtype`."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    return TF2.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD)).to(dtype)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image -> ImageNet-normalised float32 `(3, H, W)`."""
+    return TF.normalize(TF.to_tensor(image), list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+def eval_view(image: Image.Image, size: int) -> torch.Tensor:
+    """The evaluation view of one PIL image (the reference every backend matches)."""
+    image = TF.resize(image, eval_resize_length(size), T.InterpolationMode.BICUBIC)
+    return to_tensor(TF.center_crop(image, size))
+
+
+def eval_views(images: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The evaluation view of a uint8 `(B, 3, H, W)` batch, on its device."""
+    resized = TF2.resize(images, [eval_resize_length(size)], TF2.InterpolationMode.BICUBIC, antialias=True)
+    return normalise(TF2.center_crop(resized, [size]), dtype)

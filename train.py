@@ -10,7 +10,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,14 +24,15 @@ from model.batchnorm import convert_to_global
 from model.collectives import gather_keys
 from model.framework import PatchMixFramework
 from model.vit import ARCHS, create_vit
-from trainer import TrainingError, checkpoint
+from trainer import TrainingError
 from trainer.agreement import NonFiniteLoss, StopAgreement
 from trainer.checkpoint import Checkpointer
 from trainer.distributed import Process, agreed, init_process, mean_across_ranks, wrap_ddp
 from trainer.monitor import Monitor, Throughput, peak_flops, peak_memory_gb, step_flops_per_image
-from trainer.resume import check_dataset, config_changes, dataset_fingerprint, resume_state
+from trainer.resume import checked_resume, dataset_fingerprint, restore
 from trainer.schedules import Schedules
 from trainer.step import build_optimizer, set_schedule, train_step
+
 
 def build_framework(config: Config) -> PatchMixFramework:
     """Encoder + heads + optional momentum encoder (docs/method.md §4), on the current default device."""
@@ -97,14 +97,7 @@ def train(config: Config) -> int:
     dataset = agreed(process, lambda: check_setup(config, process))
     fingerprint = dataset_fingerprint(dataset, config.data.train_split)
     output_dir = Path(config.output_dir)
-    resumed = resume_state(output_dir, process)
-    if resumed:
-        path, state, notes = resumed
-        changes = config_changes(state["config"], config, path)
-        check_dataset(state.get("dataset"), fingerprint, path, config.data.root)
-        if len(state["rng"]) != process.world_size:
-            raise TrainingError(f"{path} was written by {len(state['rng'])} processes; resume it with the "
-                                f"same number (got {process.world_size}) to continue bit for bit")
+    resumed = checked_resume(config, process, fingerprint)
     agreed(process, lambda: write_config(output_dir, config) if main_rank else None)
     if main_rank:
         print(to_yaml(config))
@@ -124,35 +117,17 @@ def train(config: Config) -> int:
 
     model = build_model(config, process)
     optimizer = build_optimizer(model, float(schedules.lr[0]))
-    step = 0
-    if resumed:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        checkpoint.set_rng_state(state["rng"][process.rank])
-        step = state["step"]
-        if main_rank:
-            for note in notes:
-                print(f"skipping a damaged checkpoint: {note}")
-            print(f"resuming from {path} at step {step} (epoch {step // steps_per_epoch})"
-                  + (f" with changed settings: {', '.join(changes)}" if changes else ""))
+    step = restore(resumed, model, optimizer, process, steps_per_epoch) if resumed else 0
 
     # MFU on GPUs: FLOPs of the full step, counted once on shapes alone (no memory, RNG or collective).
     peak = peak_flops(device)
     views = [config.data.image_size] * 2 + [config.data.local_size] * config.data.local_crops
     flops_per_image = step_flops_per_image(lambda: build_framework(config), [(2, 3, s, s) for s in views]) \
         if peak else None
-    # Compile, then wrap in DDP: see trainer.distributed.wrap_ddp for why this order.
-    step_model = torch.compile(model) if (config.compile if config.compile is not None else device.type == "cuda") \
-        else model
-    if process.world_size > 1:
-        step_model = wrap_ddp(step_model, process, config.ddp.bucket_cap_mb, config.ddp.compress)
-
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-
+    step_model = compiled_for_training(model, config, process)
+    stop_signal = stop_requests()
     checkpointer = Checkpointer(output_dir, model, optimizer, config, process.rank, process.world_size,
-                                steps_per_epoch, fingerprint, resumed=(path, step) if resumed else None)
+                                steps_per_epoch, fingerprint, resumed=(resumed.path, step) if resumed else None)
     monitor = Monitor(output_dir, total_steps, step) if main_rank else None
     throughput = Throughput(config.batch_size)
     agreement = StopAgreement(device)
@@ -203,6 +178,24 @@ def train(config: Config) -> int:
     if process.world_size > 1:
         dist.destroy_process_group()
     return 0
+
+
+def compiled_for_training(model: PatchMixFramework, config: Config, process: Process) -> torch.nn.Module:
+    """The module the step calls: compiled (default on CUDA), then wrapped in DDP when distributed —
+    in that order, see trainer.distributed.wrap_ddp for why."""
+    compile_it = config.compile if config.compile is not None else process.device.type == "cuda"
+    step_model = torch.compile(model) if compile_it else model
+    if process.world_size > 1:
+        step_model = wrap_ddp(step_model, process, config.ddp.bucket_cap_mb, config.ddp.compress)
+    return step_model
+
+
+def stop_requests() -> list[int]:
+    """A list that SIGTERM/SIGINT append to: the loop stops after the step during which one arrived."""
+    received: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    return received
 
 
 def log_step(monitor: Monitor | None, step: int, total_steps: int, terms: dict[str, torch.Tensor],

@@ -8,13 +8,15 @@ reported), the same dataset (its manifest's fingerprint) and the same number of 
 """
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 import torch.distributed as dist
+from torch import nn
 
 from configs.schema import Config, as_dict
 from loaders.manifest import ConvertedDataset
-from trainer import TrainingError
+from trainer import TrainingError, checkpoint
 from trainer.checkpoint import CheckpointError, load_training_state, newest_loadable
 from trainer.distributed import Process, agreed
 
@@ -84,3 +86,42 @@ def resume_state(output_dir: Path, process: Process) -> tuple[Path, dict, list[s
 
     state = agreed(process, load_the_same)
     return None if state is None else (output_dir / choice[0][0], state, choice[0][1])
+
+
+class Resume(NamedTuple):
+    """The checkpoint a restarted run continues from, already checked against this run."""
+    path: Path
+    state: dict
+    notes: list[str]  # damaged checkpoints passed over
+    changes: list[str]  # adjustable settings that differ from the checkpoint's
+
+
+def checked_resume(config: Config, process: Process, fingerprint: dict) -> Resume | None:
+    """The checkpoint in output_dir every rank resumes from (None: a fresh start), refused with a
+    one-line error when it was trained with another config, dataset or number of processes."""
+    found = resume_state(Path(config.output_dir), process)
+    if not found:
+        return None
+    path, state, notes = found
+    changes = config_changes(state["config"], config, path)
+    check_dataset(state.get("dataset"), fingerprint, path, config.data.root)
+    if len(state["rng"]) != process.world_size:
+        raise TrainingError(f"{path} was written by {len(state['rng'])} processes; resume it with the "
+                            f"same number (got {process.world_size}) to continue bit for bit")
+    return Resume(path, state, notes, changes)
+
+
+def restore(resumed: Resume, model: nn.Module, optimizer: torch.optim.Optimizer, process: Process,
+            steps_per_epoch: int) -> int:
+    """Load weights, optimizer and this rank's RNG state; the step to continue from."""
+    model.load_state_dict(resumed.state["model"])
+    optimizer.load_state_dict(resumed.state["optimizer"])
+    checkpoint.set_rng_state(resumed.state["rng"][process.rank])
+    step = resumed.state["step"]
+    if process.is_main:
+        for note in resumed.notes:
+            print(f"skipping a damaged checkpoint: {note}")
+        print(f"resuming from {resumed.path} at step {step} (epoch {step // steps_per_epoch})"
+              + (f" with changed settings: {', '.join(resumed.changes)}" if resumed.changes else ""))
+    return step
+

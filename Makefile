@@ -38,8 +38,10 @@ test-fast: setup
 
 # The main job: convert a small dataset, pre-train a small ViT with PatchMix, compare its kNN
 # accuracy with a random encoder of the same shape. DATA=DIR uses an image folder instead of the
-# bundled digits; DATASET=cifar10 downloads CIFAR-10 (needs a network).
+# bundled digits; DATASET=cifar10 downloads CIFAR-10 (needs a network). DEMO_ARGS=... adds train.py
+# overrides (e.g. DEMO_ARGS="epochs=5").
 DATA ?=
+DEMO_ARGS ?=
 DATASET ?= digits
 DEMO_OUT ?= runs/demo
 DATASETS ?= datasets
@@ -54,7 +56,7 @@ demo: setup
 	else \
 		$(PY) convert_datasets.py digits --out $(DATASETS); root=$(DATASETS)/digits; backend=memory; \
 	fi; \
-	$(PY) train.py --config configs/demo.yaml data.root=$$root data.backend=$$backend output_dir=$(DEMO_OUT); \
+	$(PY) train.py --config configs/demo.yaml data.root=$$root data.backend=$$backend output_dir=$(DEMO_OUT) $(DEMO_ARGS); \
 	$(PY) eval.py knn --weights $(DEMO_OUT)/last.pt --compare-random
 
 clean:

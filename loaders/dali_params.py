@@ -76,7 +76,8 @@ def colour_maps(factors: torch.Tensor, jitter: torch.Tensor,
     s = torch.where(grayscale, 0.0, s)
     angle = (2 * math.pi * hue)[:, None, None]
     luma_part, chroma, chroma_turned = COLOUR_BASIS
-    matrix = (b * c)[:, None, None] * (luma_part + s[:, None, None] * (angle.cos() * chroma + angle.sin() * chroma_turned))
+    turned = angle.cos() * chroma + angle.sin() * chroma_turned
+    matrix = (b * c)[:, None, None] * (luma_part + s[:, None, None] * turned)
     grey = (b * (1 - c))[:, None] * torch.tensor(LUMA, dtype=torch.float64)
     return matrix.float(), grey.float()
 

@@ -171,6 +171,38 @@ def test_same_epoch_gives_identical_batches_and_set_epoch_changes_them(cifar: st
     assert changed.float().mean() > 0.9  # multiples of 1/1024 on 32-px images, so some coincide)
 
 
+def test_resumed_epoch_yields_the_tail_of_the_full_epoch_starting_at_its_batch(cifar: str) -> None:
+    """`set_epoch(epoch, k)` yields batches k.. of the epoch, equal to a whole epoch's, and the
+    source's first batch is batch k (batches 0..k-1 are never read); an iteration left early
+    leaves the pipeline ready for the next one."""
+    data = cifar_loader(cifar, local_crops=1, batch_size=50, seed=4)
+    data.set_epoch(3)
+    full = list(data)
+    assert len(full) == len(data) == 6
+    for start in (2, 5, 6):
+        data.set_epoch(3, start_batch=start)
+        tail = list(data)
+        assert len(tail) == 6 - start
+        for x, y in zip(tail, full[start:]):
+            assert torch.equal(x.indices, y.indices) and torch.equal(x.labels, y.labels)
+            assert all(torch.equal(u, v) for u, v in zip(x.views, y.views))
+            assert all(torch.equal(p[k], q[k]) for p, q in zip(x.params, y.params) for k in p)
+    data.set_epoch(3, start_batch=1)
+    for _ in data:
+        break  # left after one batch
+    data.set_epoch(3)
+    assert all(torch.equal(x.views[0], y.views[0]) for x, y in zip(list(data), full))
+    data.state.set(3, 4, 6)  # what set_epoch(3, 4) gives the workers
+    assert data.source(0)[2].tolist() == full[4].indices.tolist()
+    with pytest.raises(ValueError, match=r"start_batch must be in \[0, 6\]"):
+        data.set_epoch(0, start_batch=7)
+
+
+def test_trainer_loader_reports_no_decisions(cifar: str) -> None:
+    batch = next(iter(cifar_loader(cifar, local_crops=1, decisions=False)))
+    assert batch.params == [] and len(batch.views) == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixels
 

@@ -7,9 +7,10 @@ Feeding. A batch-mode, parallel `fn.external_source` (`BatchSource`, loaders/dal
 files) and draws every random parameter of the batch's views on the host, vectorised and seeded by
 `(seed, epoch, rank, batch)`. So the epoch visits exactly the order every backend shares, in
 exactly `num_batches` batches, and the graph has no random op and no per-sample arithmetic: its
-CPU operators are only the source's outputs (`operator_counts`). (`fn.readers.webdataset` is not
-used: it gives each rank a contiguous range of samples, shuffles within a buffer and pads the last
-batch, so neither the order nor the epoch's length would match the other backends'.)
+CPU operators are only the source's outputs, and nothing comes back from the GPU
+(`operator_counts`, `gpu_to_cpu_copies`). (`fn.readers.webdataset` is not used: it gives each rank
+a contiguous range of samples, shuffles within a buffer and pads the last batch, so neither the
+order nor the epoch's length would match the other backends'.)
 
 Decoding. `fn.decoders.image` once per sample, on `"mixed"` (nvJPEG on the GPU) for a CUDA device,
 else on the CPU; every view is resampled from that one decode.
@@ -206,10 +207,9 @@ class DaliLoader:
         return Batch([view.to(s.dtype) for view in views], labels, indices, params)
 
 
-def operator_counts(settings: LoaderSettings) -> dict[str, int]:
-    """The operators of the CUDA pipeline for `settings` (`"mixed"` decoding, GPU views), counted
-    from its graph without building or running it (no GPU needed), by device: `cpu`, `mixed`,
-    `gpu`, and `gpu_to_cpu`, the edges that would copy data from the GPU back to the host."""
+def _cuda_graph(settings: LoaderSettings) -> tuple[list, list[DataNode]]:
+    """The operators and outputs of the CUDA pipeline for `settings`, from its graph definition:
+    nothing is built or run, so no GPU is needed."""
     _, outputs = DaliLoader(settings)._define(torch.device("cuda", 0))
     ops, stack = {}, [node.source for node in outputs]
     while stack:
@@ -217,12 +217,29 @@ def operator_counts(settings: LoaderSettings) -> dict[str, int]:
         if id(op) not in ops:
             ops[id(op)] = op
             stack += [edge.source for edge in op.inputs]
-    counts = {device: 0 for device in ("cpu", "mixed", "gpu")}
-    for op in ops.values():
-        counts[op._op.device] += 1  # an operator instance's device is its operator's
-    edges = [edge for op in ops.values() for edge in op.inputs] + outputs
-    counts["gpu_to_cpu"] = sum(edge.device == "cpu" and edge.source._op.device != "cpu" for edge in edges)
+    return list(ops.values()), outputs
+
+
+def _device(op) -> str:
+    return op._op.device  # an operator instance's device is its operator's: "cpu", "mixed" or "gpu"
+
+
+def operator_counts(settings: LoaderSettings) -> dict[str, int]:
+    """How many operators the CUDA pipeline for `settings` (`"mixed"` decoding, GPU views) runs
+    per iteration on each device (`cpu`, `mixed`, `gpu`); DALI runs the CPU ones one after
+    another, so their number bounds the host's cost per batch."""
+    counts = {"cpu": 0, "mixed": 0, "gpu": 0}
+    for op in _cuda_graph(settings)[0]:
+        counts[_device(op)] += 1
     return counts
+
+
+def gpu_to_cpu_copies(settings: LoaderSettings) -> int:
+    """How many edges of the CUDA pipeline for `settings` copy data from the GPU back to the host
+    (an operator's CPU input, or a CPU output, made on the GPU)."""
+    ops, outputs = _cuda_graph(settings)
+    edges = [edge for op in ops for edge in op.inputs] + outputs
+    return sum(edge.device == "cpu" and _device(edge.source) != "cpu" for edge in edges)
 
 
 def make_loader(settings: LoaderSettings) -> DaliLoader:

@@ -29,7 +29,8 @@ from configs.schema import DataConfig  # noqa: E402
 from loaders.augment import ViewSpec, recipe_views  # noqa: E402
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from loaders.builder import build_loader  # noqa: E402
-from loaders.dali_backend import DaliLoader, _jitter, _train_view, operator_counts  # noqa: E402
+from loaders import dali_backend  # noqa: E402
+from loaders.dali_backend import DaliLoader, _jitter, _train_view, gpu_to_cpu_copies, operator_counts  # noqa: E402
 from loaders.dali_params import DECISIONS, colour_maps, draw_view, view_inputs  # noqa: E402
 from loaders.sampling import epoch_indices, num_batches  # noqa: E402
 from loaders.shards import ShardSamples, open_converted  # noqa: E402
@@ -350,12 +351,18 @@ def test_cuda_graph_has_few_cpu_operators_and_no_copy_back_to_the_host(imagenet:
     # in training the colour map, blur sigma and window, plus the grey offsets and solarize masks
     # of all views together. GPU: per view resize and normalise, and in training the colour map
     # (7: its grey offset from the mean and the map) and blur; view 2's solarize (4).
-    assert counts == {"cpu": 3 + (5 * views + 2 if train else 2), "mixed": 1,
-                      "gpu": 10 * views + 4 if train else 2, "gpu_to_cpu": 0}
-    assert counts["cpu"] <= 60
+    assert counts == {"cpu": 3 + (5 * views + 2 if train else 2), "mixed": 1, "gpu": 10 * views + 4 if train else 2}
+    assert counts["cpu"] <= 60 and gpu_to_cpu_copies(data.settings) == 0
     pipeline, outputs = data._define(torch.device("cuda", 0))
     pipeline.set_outputs(*outputs)
     assert pipeline.device_id == 0 and len(outputs) == 2 + views
+
+
+def test_gpu_to_cpu_copies_counts_views_brought_back_to_the_host(cifar: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = cifar_loader(cifar, local_crops=1, decisions=False)
+    normalise = dali_backend._normalise
+    monkeypatch.setattr(dali_backend, "_normalise", lambda x, dtype: normalise(x, dtype).cpu())
+    assert gpu_to_cpu_copies(data.settings) == 3  # one per view
 
 
 # ---------------------------------------------------------------------------------------------

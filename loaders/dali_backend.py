@@ -157,7 +157,8 @@ class DaliLoader:
                 pipeline.run()
         except StopIteration:
             pipeline.reset()
-        self._running = False
+        finally:
+            self._running = False
 
     def pipeline(self) -> Pipeline:
         """The run's pipeline, built at the first call."""
@@ -179,8 +180,8 @@ class DaliLoader:
                             py_num_workers=workers, py_start_method="spawn" if on_gpu else "fork")
         dtype = DALI_DTYPES.get(s.dtype, types.FLOAT)
         with pipeline:
-            count = 5 if not s.train else 5 + self.with_decisions + sum(len(view_inputs(v)) for v in self.specs)
-            nodes = iter(fn.external_source(self.source, num_outputs=count, batch=True, parallel=True))
+            nodes = iter(fn.external_source(self.source, num_outputs=self.source.num_outputs(), batch=True,
+                                            parallel=True))
             encoded, labels, indices = next(nodes), next(nodes), next(nodes)
             images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
                                        adjust_orientation=False)  # PIL's size and pixels: no EXIF rotation

@@ -183,6 +183,12 @@ class BatchSource:
             self._order = epoch, indices.tolist()
         return self._order[1]
 
+    def num_outputs(self) -> int:
+        """How many arrays a call returns (see the class's docstring)."""
+        if not self.train:
+            return 5
+        return 5 + self.with_decisions + sum(len(view_inputs(spec)) for spec in self.specs)
+
     def __len__(self) -> int:
         return num_batches(len(self.samples), self.batch_size, train=self.train, rank=self.rank,
                            world_size=self.world_size)

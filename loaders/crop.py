@@ -23,36 +23,39 @@ import torch
 from loaders.augment import ViewSpec
 
 
-def crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-               generator: torch.Generator, attempts: int = 10) -> torch.Tensor:
+def crop_boxes(batch: int, height: int | torch.Tensor, width: int | torch.Tensor, scale: tuple[float, float],
+               ratio: tuple[float, float], generator: torch.Generator, attempts: int = 10) -> torch.Tensor:
     """`(B, 4)` int64 boxes `(top, left, height, width)` on `generator.device`, distributed as
-    torchvision's `RandomResizedCrop.get_params` draws them."""
+    torchvision's `RandomResizedCrop.get_params` draws them. The image size is one for the whole
+    batch (ints) or one per sample (`(B,)` int tensors: JPEGs of different sizes)."""
     options = dict(generator=generator, device=generator.device, dtype=torch.float64)
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(batch, attempts, **options))
+    height, width = (torch.as_tensor(size, dtype=torch.float64, device=generator.device).expand(batch)
+                     for size in (height, width))
+    area = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * torch.rand(batch, attempts, **options))
     log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(batch, attempts, **options)
     aspect = torch.exp(log_ratio)
     w = torch.round(torch.sqrt(area * aspect))
     h = torch.round(torch.sqrt(area / aspect))
-    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+    fits = (w >= 1) & (w <= width[:, None]) & (h >= 1) & (h <= height[:, None])
     first = fits.int().argmax(dim=1, keepdim=True)  # the first attempt that fits
     fallback_h, fallback_w = _centre_crop_size(height, width, ratio)
     found = fits.any(dim=1)
     h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
     w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)
     corner = torch.rand(batch, 2, **options)
-    top = torch.where(found, (corner[:, 0] * (height - h + 1)).floor().clamp_max(height - h), (height - h) // 2)
-    left = torch.where(found, (corner[:, 1] * (width - w + 1)).floor().clamp_max(width - w), (width - w) // 2)
+    top = torch.where(found, (corner[:, 0] * (height - h + 1)).floor().minimum(height - h), (height - h) // 2)
+    left = torch.where(found, (corner[:, 1] * (width - w + 1)).floor().minimum(width - w), (width - w) // 2)
     return torch.stack([top, left, h, w], dim=1).long()
 
 
-def _centre_crop_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """torchvision's fallback: the largest centred box whose aspect ratio is clamped to `ratio`."""
+def _centre_crop_size(height: torch.Tensor, width: torch.Tensor,
+                      ratio: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's fallback: the largest centred box whose aspect ratio is clamped to `ratio`
+    (per sample; rounding half to even, as Python's `round`)."""
     in_ratio = width / height
-    if in_ratio < min(ratio):
-        return int(round(width / min(ratio))), width
-    if in_ratio > max(ratio):
-        return height, int(round(height * max(ratio)))
-    return height, width
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    return (torch.where(narrow, torch.round(width / min(ratio)), height),
+            torch.where(wide, torch.round(height * max(ratio)), width))
 
 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The DALI backend (`loaders.dali_backend`) on CPU pipelines, on real CIFAR-10 and ImageNet images
 converted with convert_datasets.py: counts, order and rank sharding against `loaders.sampling`,
-determinism per epoch, evaluation against torchvision's transform, each view's ops against
-torchvision with certain decisions, the recipe's rates and crop areas, and flat memory."""
+determinism per epoch, mid-epoch resume, evaluation against torchvision's transform, each view's
+ops against torchvision with certain decisions, the recipe's rates and crop areas, the CUDA
+graph's operator counts (built, not run), and flat memory."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,9 @@ from configs.schema import DataConfig  # noqa: E402
 from loaders.augment import ViewSpec, recipe_views  # noqa: E402
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from loaders.builder import build_loader  # noqa: E402
-from loaders.dali_backend import FLAGS, _jitter, _train_view  # noqa: E402
+from loaders import dali_backend  # noqa: E402
+from loaders.dali_backend import DaliLoader, _jitter, _train_view, gpu_to_cpu_copies, operator_counts  # noqa: E402
+from loaders.dali_params import DECISIONS, colour_maps, draw_view, view_inputs  # noqa: E402
 from loaders.sampling import epoch_indices, num_batches  # noqa: E402
 from loaders.shards import ShardSamples, open_converted  # noqa: E402
 from loaders.eval_view import eval_view  # noqa: E402
@@ -55,13 +58,18 @@ def imagenet(imagenet_folder, tmp_path_factory: pytest.TempPathFactory) -> str:
     return convert(imagenet_folder(200, 40), tmp_path_factory.mktemp("out"), "imagenet")
 
 
-def loader(root: str, *, train: bool = True, batch_size: int = 32, **options):
-    """A DALI loader; `options` go to DataConfig, or to build_loader for seed/rank/world_size/dtype."""
+FLAGS = DECISIONS[1:]
+
+
+def loader(root: str, *, train: bool = True, batch_size: int = 32, decisions: bool = True, **options) -> DaliLoader:
+    """A DALI loader (reporting `Batch.params` unless `decisions=False`); `options` go to
+    DataConfig, or to build_loader for seed/rank/world_size/dtype."""
     keys = {"seed", "rank", "world_size", "dtype"}
     data = DataConfig(root=root, backend="dali", workers=2,
                       **{k: v for k, v in options.items() if k not in keys})
-    return build_loader(data, split="train" if train else "val", train=train, batch_size=batch_size,
-                        **{k: v for k, v in options.items() if k in keys})
+    built = build_loader(data, split="train" if train else "val", train=train, batch_size=batch_size,
+                         **{k: v for k, v in options.items() if k in keys})
+    return DaliLoader(built.settings, with_decisions=True) if decisions else built
 
 
 def cifar_loader(root: str, **options):
@@ -164,6 +172,38 @@ def test_same_epoch_gives_identical_batches_and_set_epoch_changes_them(cifar: st
     assert changed.float().mean() > 0.9  # multiples of 1/1024 on 32-px images, so some coincide)
 
 
+def test_resumed_epoch_yields_the_tail_of_the_full_epoch_starting_at_its_batch(cifar: str) -> None:
+    """`set_epoch(epoch, k)` yields batches k.. of the epoch, equal to a whole epoch's, and the
+    source's first batch is batch k (batches 0..k-1 are never read); an iteration left early
+    leaves the pipeline ready for the next one."""
+    data = cifar_loader(cifar, local_crops=1, batch_size=50, seed=4)
+    data.set_epoch(3)
+    full = list(data)
+    assert len(full) == len(data) == 6
+    for start in (2, 5, 6):
+        data.set_epoch(3, start_batch=start)
+        tail = list(data)
+        assert len(tail) == 6 - start
+        for x, y in zip(tail, full[start:]):
+            assert torch.equal(x.indices, y.indices) and torch.equal(x.labels, y.labels)
+            assert all(torch.equal(u, v) for u, v in zip(x.views, y.views))
+            assert all(torch.equal(p[k], q[k]) for p, q in zip(x.params, y.params) for k in p)
+    data.set_epoch(3, start_batch=1)
+    for _ in data:
+        break  # left after one batch
+    data.set_epoch(3)
+    assert all(torch.equal(x.views[0], y.views[0]) for x, y in zip(list(data), full))
+    data.state.set(3, 4, 6)  # what set_epoch(3, 4) gives the workers
+    assert data.source(0)[2].tolist() == full[4].indices.tolist()
+    with pytest.raises(ValueError, match=r"start_batch must be in \[0, 6\]"):
+        data.set_epoch(0, start_batch=7)
+
+
+def test_trainer_loader_reports_no_decisions(cifar: str) -> None:
+    batch = next(iter(cifar_loader(cifar, local_crops=1, decisions=False)))
+    assert batch.params == [] and len(batch.views) == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixels
 
@@ -196,16 +236,21 @@ def test_view_applies_its_decisions_like_torchvision(cifar: str, spec: ViewSpec)
     """With the whole image as crop (area 1, same size) and every decision certain, a view is
     torchvision's grayscale → blur(σ=1) → solarize → flip → normalise, or just normalise."""
     images = decoded(cifar, "val", 16)
-
-    def graph(x):
-        shape = x.shape(dtype=types.FLOAT)
-        return _train_view(x, shape[0], shape[1], spec, types.FLOAT)
-
-    view, area, *flags = run_pipeline(images, graph)
-    assert np.allclose(area, 1.0)
+    sizes = torch.tensor([image.shape[:2] for image in images])
+    inputs, decisions = draw_view(sizes[:, 0], sizes[:, 1], spec, torch.Generator().manual_seed(0))
+    assert np.allclose(decisions[:, 0], 1.0)  # the area
     expected = dict(jitter=0.0, grayscale=spec.grayscale_prob, blur=spec.blur_prob,
                     solarize=spec.solarize_prob, flip=spec.flip_prob)
-    assert {name: float(np.mean(values)) for name, values in zip(FLAGS, flags)} == expected
+    assert {name: float(np.mean(values)) for name, values in zip(FLAGS, decisions[:, 1:].T)} == expected
+
+    def graph(x):
+        def feed(name: str):
+            return fn.external_source(source=lambda: inputs[name], batch=True)
+
+        return [_train_view(x, {name: feed(name) for name in view_inputs(spec)}, feed("grey"), feed("invert"),
+                            spec, types.FLOAT)]
+
+    [view] = run_pipeline(images, graph)
     for image, actual in zip(images, view):
         x = torch.from_numpy(image).permute(2, 0, 1)
         if spec.grayscale_prob:
@@ -221,8 +266,14 @@ def test_jitter_is_torchvisions_brightness_contrast_saturation_and_turns_hue(ima
     images = [image[:128, :128].copy() for image in decoded(imagenet, "val", 12)]
     factors = (1.3, 1.0, 1.0, 0.0), (0.9, 0.7, 1.35, 0.0), (1.0, 1.0, 0.0, 0.0), (1.0, 1.0, 1.0, 0.08), \
         (1.0, 1.0, 1.0, -0.05)
-    outputs = run_pipeline(images, lambda x: [_jitter(x, *(fn.constant(fdata=[v], shape=[]) for v in f))
-                                              for f in factors])
+    true = torch.ones(len(images), dtype=torch.bool)
+
+    def colour_map(f: tuple[float, ...]) -> tuple:
+        matrix, grey = colour_maps(torch.tensor(f).expand(len(images), 4), true, ~true)
+        return (fn.external_source(source=lambda: matrix.numpy(), batch=True),
+                fn.external_source(source=lambda: grey.numpy(), batch=True))
+
+    outputs = run_pipeline(images, lambda x: [_jitter(x, *colour_map(f)) for f in factors])
 
     def floats(batch: list[np.ndarray]) -> torch.Tensor:
         return torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in batch]).float() / 255
@@ -288,14 +339,30 @@ def test_decision_rates_follow_the_recipe_and_grayscale_shows_in_the_pixels(cifa
         assert views.mean().abs() < 0.2 and 0.8 < views.std() < 1.3  # normalised
 
 
-def test_gpu_pipeline_graph_is_accepted_without_a_gpu(cifar: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA variant ("mixed" decoding, GPU ops fed with CPU arguments) passes DALI's graph
-    checks; building and running it needs a GPU, so `build` is skipped here."""
-    monkeypatch.setattr(Pipeline, "build", lambda self: None)
-    for train in (True, False):
-        data = cifar_loader(cifar, train=train, local_crops=1)
-        data.settings = dataclasses.replace(data.settings, device=torch.device("cuda", 0))
-        assert data._pipeline(list(range(32))).device_id == 0
+@pytest.mark.parametrize("train", [True, False])
+def test_cuda_graph_has_few_cpu_operators_and_no_copy_back_to_the_host(imagenet: str, train: bool) -> None:
+    """The ImageNet recipe's CUDA graph (2×224 + 8×96 views; before host-drawn parameters: 1,358
+    CPU, 1 mixed and 133 GPU operators, 10 GPU→CPU copies): only the source's outputs on the CPU,
+    one decoder, every view's ops on the GPU; DALI accepts the graph (building it needs a GPU)."""
+    data = loader(imagenet, train=train, local_crops=8, batch_size=128, decisions=False)
+    counts = operator_counts(data.settings)
+    views = 10 if train else 1
+    # CPU (the source's outputs): encoded, labels, indices; per view the ROI's start and end, and
+    # in training the colour map, blur sigma and window, plus the grey offsets and solarize masks
+    # of all views together. GPU: per view resize and normalise, and in training the colour map
+    # (7: its grey offset from the mean and the map) and blur; view 2's solarize (4).
+    assert counts == {"cpu": 3 + (5 * views + 2 if train else 2), "mixed": 1, "gpu": 10 * views + 4 if train else 2}
+    assert counts["cpu"] <= 60 and gpu_to_cpu_copies(data.settings) == 0
+    pipeline, outputs = data._define(torch.device("cuda", 0))
+    pipeline.set_outputs(*outputs)
+    assert pipeline.device_id == 0 and len(outputs) == 2 + views
+
+
+def test_gpu_to_cpu_copies_counts_views_brought_back_to_the_host(cifar: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = cifar_loader(cifar, local_crops=1, decisions=False)
+    normalise = dali_backend._normalise
+    monkeypatch.setattr(dali_backend, "_normalise", lambda x, dtype: normalise(x, dtype).cpu())
+    assert gpu_to_cpu_copies(data.settings) == 3  # one per view
 
 
 # ---------------------------------------------------------------------------------------------

@@ -253,11 +253,13 @@ def test_incompatible_config_is_refused_naming_the_keys(cifar_root, trained_run,
 
 @pytest.mark.slow
 def test_max_steps_stops_mid_epoch(cifar_root, tmp_path):
-    result = run_train(cifar_root, tmp_path, "epochs=3", "batch_size=64", "max_steps=6")
+    result = run_train(cifar_root, tmp_path, "epochs=3", "batch_size=64", "max_steps=6",
+                       "checkpoint.keep_every_epochs=0")
     assert result.returncode == 0, result.stderr
     assert "trained to step 6/6" in result.stdout
     assert [r["step"] for r in log_records(tmp_path)] == [1, 2, 3, 4, 5, 6]
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 6
+    assert not list(tmp_path.glob("checkpoint-*.pt"))  # keep_every_epochs=0: numbered ones only at the end
 
 
 @pytest.mark.slow

@@ -145,8 +145,8 @@ class Checkpointer:
         if state is None:
             return
         epoch, within = divmod(state["step"], self.steps_per_epoch)
-        if not within and epoch and (epoch % self.config.checkpoint.keep_every_epochs == 0
-                                     or epoch == self.config.epochs):
+        every = self.config.checkpoint.keep_every_epochs  # 0: only the final epoch's
+        if not within and epoch and ((every and epoch % every == 0) or epoch == self.config.epochs):
             save_atomic(state, self.output_dir / f"checkpoint-{epoch:04d}.pt")
             prune(self.output_dir, self.config.checkpoint.keep_last)
         save_atomic(state, self.last)

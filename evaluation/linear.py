@@ -4,7 +4,7 @@
 
 The backbone (the checkpoint's momentum encoder) stays frozen in eval mode: no gradient, no
 drop path. A linear classifier on its class token is trained with SGD (momentum 0.9, no weight
-decay) and a per-iteration cosine schedule from `lr × batch/256` to 0, the published
+decay, Nesterov) and a per-iteration cosine schedule from `lr × batch/256` to 0, the published
 `main_linear.py`'s setting: a plain `nn.Linear`, without the BatchNorm that MAE/MoCo v3 put
 before it. After training the backbone is compared with the weights it was loaded with; any
 difference is an error.
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from configs.schema import as_dict, to_yaml
 from evaluation.data import ImageLoader, Transform, eval_transform, linear_train_transform
-from evaluation.protocol_config import FinetuneConfig, LinearConfig, check_protocol_config
+from evaluation.protocol_config import FinetuneConfig, LinearConfig, base_lr, check_protocol_config
 from evaluation.weights import EncoderSpec, load_encoder
 from loaders.seeding import derive_seed, seed_global_rngs
 from loaders.shards import ShardSamples, open_converted
@@ -67,13 +67,13 @@ class Setup:
     def bf16(self) -> bool:
         return self.process.device.type == "cuda"
 
-    def loaders(self, config: ProtocolConfig, train_transform: Transform,
-                repeats: int = 1) -> tuple[ImageLoader, ImageLoader]:
-        """The training loader (augmented, shuffled per epoch) and the validation loader (eval view)."""
+    def loaders(self, config: ProtocolConfig, train_transform: Transform, repeats: int = 1,
+                eval_resize_crop: bool = True) -> tuple[ImageLoader, ImageLoader]:
+        """The training loader (augmented, shuffled per epoch) and the validation loader (`eval_transform`)."""
         common = dict(batch_size=self.batch_size, workers=config.data.workers, device=self.process.device,
                       seed=config.seed, rank=self.process.rank, world_size=self.process.world_size)
         return (ImageLoader(self.train_samples, train_transform, train=True, repeats=repeats, **common),
-                ImageLoader(self.val_samples, eval_transform(self.image_size), train=False, **common))
+                ImageLoader(self.val_samples, eval_transform(self.image_size, eval_resize_crop), train=False, **common))
 
 
 @contextmanager
@@ -262,6 +262,12 @@ def linear_step(probe: LinearProbe, head: nn.Module, optimizer: torch.optim.Opti
     return loss.detach()
 
 
+def build_linear_optimizer(head: nn.Module, config: LinearConfig, lr: float) -> torch.optim.SGD:
+    """SGD on the classifier with the config's momentum, Nesterov flag and weight decay (docs/method.md §7)."""
+    return torch.optim.SGD(head.parameters(), lr=lr, momentum=config.momentum, nesterov=config.nesterov,
+                           weight_decay=config.weight_decay)
+
+
 def changed_tensors(module: nn.Module, reference: dict[str, torch.Tensor]) -> list[str]:
     """Names of `module`'s state entries that differ from `reference` (bit for bit)."""
     state = module.state_dict()
@@ -283,9 +289,8 @@ def run_linear(config: LinearConfig, weights: str, random_init: bool = False) ->
         head = nn.Linear(backbone.num_features, setup.num_classes).to(device)
         probe = LinearProbe(backbone, head, setup.bf16)
         step_head = DistributedDataParallel(head) if process.world_size > 1 else head
-        lr = config.lr * config.batch_size / 256
-        optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
+        lr = base_lr(config, setup.spec.arch) * config.batch_size / 256
+        optimizer = build_linear_optimizer(head, config, lr)
         train_loader, val_loader = setup.loaders(config, linear_train_transform(setup.image_size))
         history = fit(Run(
             "linear", config, setup, run_identity(config, weights, random_init), {"head": head}, optimizer,

@@ -9,15 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
+from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from configs.schema import ConfigError, load_config
 from evaluation import finetune, linear
-from evaluation.data import ImageLoader, finetune_train_transform, repeated_indices
+from evaluation.data import (ImageLoader, eval_transform, finetune_train_transform, linear_train_transform,
+                             repeated_indices)
 from evaluation.finetune import build_classifier, build_optimizer, run_finetune
 from evaluation.linear import ProtocolError, run_linear
-from evaluation.protocol_config import FinetuneConfig, LinearConfig
+from evaluation.protocol_config import FinetuneConfig, LinearConfig, base_lr
 from evaluation.weights import load_encoder
+from loaders.eval_view import to_tensor
 from loaders.sampling import epoch_indices, num_batches
 from loaders.shards import ShardSamples, open_converted
 from model.vit import create_vit
@@ -72,25 +76,65 @@ def check_result(result: dict, protocol: str, epochs: int, prefixes: tuple[str, 
 
 # ---------------------------------------------------------------------------------------------- configs
 
+# docs/method.md §7, written out: what the published evaluation code runs.
+LINEAR_LR = {"vit_tiny": 0.05, "vit_small": 0.02, "vit_base": 0.01}
+FINETUNE_LR = {"vit_tiny": 1e-3, "vit_small": 5e-4, "vit_base": 5e-4}
+LINEAR_RECIPE = dict(epochs=100, momentum=0.9, nesterov=True, weight_decay=0.0)
+FINETUNE_RECIPE = dict(epochs=100, warmup_epochs=10, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05, layer_decay=0.75,
+                       drop_path=0.1, ema_decay=0.99996, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8,
+                       cutmix=1.0, smoothing=0.1, repeated_aug=1)
+
+
 @pytest.mark.parametrize("arch,data", PUBLISHED)
 def test_published_configs_equal_the_recipe(arch, data):
     imagenet = data == "imagenet"
     size, patch, batch = (224, 16, 1024) if imagenet else (32, 2, 256)
     c = load_config(CONFIGS / f"linear_{arch}_{data}.yaml", schema=LinearConfig)
     assert (c.arch, c.patch_size, c.data.image_size, c.data.root) == (arch, patch, size, f"datasets/{data}")
-    assert (c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay) == (100, batch, 0.02, 0.9, 0.0)
+    assert {k: getattr(c, k) for k in LINEAR_RECIPE} == LINEAR_RECIPE
+    assert (c.batch_size, c.lr) == (batch, LINEAR_LR[arch])
+    optimizer = linear.build_linear_optimizer(torch.nn.Linear(4, 2), c, lr=0.1)
+    assert type(optimizer) is torch.optim.SGD
+    assert {k: optimizer.defaults[k] for k in ("momentum", "nesterov", "weight_decay")} == dict(
+        momentum=0.9, nesterov=True, weight_decay=0.0)
+
     f = load_config(CONFIGS / f"finetune_{arch}_{data}.yaml", schema=FinetuneConfig)
     assert (f.arch, f.patch_size, f.data.image_size, f.data.root) == (arch, patch, size, f"datasets/{data}")
-    assert (f.epochs, f.batch_size, f.lr, f.warmup_epochs, f.warmup_lr, f.min_lr) == (100, batch, 5e-4, 10, 1e-6, 1e-5)
-    assert (f.weight_decay, f.layer_decay, f.drop_path, f.ema_decay) == (0.05, 0.75, 0.1, 0.99996)
-    assert (f.auto_augment, f.re_prob, f.mixup, f.cutmix, f.smoothing) == ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
-    assert f.repeated_aug == 3 and f.crop_padding == (0 if imagenet else 4)
+    assert {k: getattr(f, k) for k in FINETUNE_RECIPE} == FINETUNE_RECIPE
+    assert (f.batch_size, f.lr) == (batch, FINETUNE_LR[arch])
+    model = create_vit("vit_mini", 32, 8)
+    assert type(build_optimizer(model, f, lr=1e-3)) is torch.optim.AdamW
+
+    # Transforms. Linear: random resized crop (bicubic) + flip in training, resize·256/224 + centre crop to
+    # validate. Fine-tune training: RandomCrop(32, padding 4) on CIFAR, a bicubic random resized crop on
+    # ImageNet; fine-tune validation: the stored 32-px image, only normalised, on CIFAR.
+    crop, flip = linear_train_transform(size).transforms[:2]
+    assert isinstance(crop, T.RandomResizedCrop) and crop.interpolation == T.InterpolationMode.BICUBIC
+    assert isinstance(flip, T.RandomHorizontalFlip)
+    first = finetune_train_transform(size, f.auto_augment, f.re_prob, f.crop_padding).transforms[0]
+    if imagenet:
+        assert f.crop_padding == 0 and f.eval_resize_crop is True
+        assert isinstance(first, RandomResizedCropAndInterpolation)
+    else:
+        assert isinstance(first, T.RandomCrop) and first.padding == 4 and first.size == (32, 32)
+        image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+        assert torch.equal(eval_transform(32, f.eval_resize_crop)(image), to_tensor(image))
+        assert not torch.equal(eval_transform(32)(image), to_tensor(image))  # what a resize + crop would change
 
 
 def test_schema_defaults_are_the_recipe_and_keys_are_checked():
     assert load_config(None, ["data.root=x"], schema=LinearConfig) == load_config(
         CONFIGS / "linear_vit_small_imagenet.yaml", ["data.root=x", "arch=null", "patch_size=null", "data.image_size=null",
-                                                     "output_dir=runs/eval/linear"], schema=LinearConfig)
+                                                     "lr=null", "output_dir=runs/eval/linear"], schema=LinearConfig)
+    assert load_config(None, ["data.root=x"], schema=FinetuneConfig) == load_config(
+        CONFIGS / "finetune_vit_small_imagenet.yaml", ["data.root=x", "arch=null", "patch_size=null",
+                                                       "data.image_size=null", "lr=null",
+                                                       "output_dir=runs/eval/finetune"], schema=FinetuneConfig)
+    for schema, table in ((LinearConfig, LINEAR_LR), (FinetuneConfig, FINETUNE_LR)):
+        default = load_config(None, ["data.root=x"], schema=schema)
+        assert {arch: base_lr(default, arch) for arch in table} == table  # lr=null: the published lr per arch
+        with pytest.raises(ConfigError, match="no published lr for vit_mini .*: pass lr=VALUE"):
+            base_lr(default, "vit_mini")
     with pytest.raises(ConfigError, match=r"Key 'lrr' not in 'LinearConfig'. Did you mean: 'lr'\?"):
         load_config(CONFIGS / "linear_vit_small_imagenet.yaml", ["lrr=0.1"], schema=LinearConfig)
     with pytest.raises(ConfigError, match="data.root is required"):
@@ -270,7 +314,7 @@ from pathlib import Path
 from configs.schema import load_config
 from evaluation.finetune import run_finetune
 from evaluation.linear import run_linear
-from evaluation.protocol_config import FinetuneConfig, LinearConfig
+from evaluation.protocol_config import FinetuneConfig, LinearConfig, base_lr
 protocol, config_dir, root, out, weights = sys.argv[1:6]
 schema, run = {"linear": (LinearConfig, run_linear), "finetune": (FinetuneConfig, run_finetune)}[protocol]
 overrides = [f"data.root={root}", f"output_dir={out}", "arch=vit_mini", "patch_size=8", "data.image_size=32",

@@ -10,8 +10,8 @@ iteration, timm's RandAugment and random erasing (`evaluation.data`), no repeate
 (as published; `repeated_aug` turns it on), `timm.data.Mixup` (mixup 0.8, cutmix 1.0, label
 smoothing 0.1) with `SoftTargetCrossEntropy`, and a `ModelEmaV3` (decay 0.99996) updated every
 step. Both the model and its EMA are validated every epoch; the reported `top1` is the model's,
-as published (the EMA's is `ema_top1`). Checkpoints, resume
-and DDP are `evaluation.linear.fit`'s.
+as published (the EMA's is `ema_top1`). Checkpoints, resume and DDP are
+`evaluation.protocol.fit`'s.
 """
 import torch
 from timm.data import Mixup
@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from evaluation.data import finetune_train_transform
-from evaluation.linear import ProtocolError, Run, fit, prepare, protocol_process, run_identity, summary
+from evaluation.protocol import ProtocolError, Run, fit, prepare, protocol_process, run_identity, summary
 from evaluation.protocol_config import FinetuneConfig, base_lr
 from evaluation.weights import EncoderSpec
 from model.vit import ViT, create_vit
@@ -93,7 +93,8 @@ def run_finetune(config: FinetuneConfig, weights: str, random_init: bool = False
 
         schedule = cosine_schedule(lr, config.min_lr, config.epochs, len(train_loader), config.warmup_epochs,
                                    config.warmup_lr)
-        history = fit(Run("finetune", config, setup, run_identity(config, weights, random_init),
-                          {"model": model, "ema": ema}, optimizer, schedule, train_loader, val_loader, step,
-                          {"": model, "ema_": ema.module}))
+        history = fit(Run(name="finetune", config=config, setup=setup,
+                          identity=run_identity(config, weights, random_init), modules={"model": model, "ema": ema},
+                          optimizer=optimizer, lr_schedule=schedule, train_loader=train_loader,
+                          val_loader=val_loader, step=step, classifiers={"": model, "ema_": ema.module}))
         return summary("finetune", history, prefixes=("", "ema_"))

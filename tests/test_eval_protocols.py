@@ -15,11 +15,12 @@ from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from configs.schema import ConfigError, load_config
-from evaluation import finetune, linear
+from evaluation import finetune, linear, protocol
 from evaluation.data import (ImageLoader, eval_transform, finetune_train_transform, linear_train_transform,
                              repeated_indices)
 from evaluation.finetune import build_classifier, build_optimizer, run_finetune
-from evaluation.linear import ProtocolError, run_linear
+from evaluation.linear import run_linear
+from evaluation.protocol import ProtocolError
 from evaluation.protocol_config import FinetuneConfig, LinearConfig, base_lr
 from evaluation.weights import load_encoder
 from loaders.eval_view import to_tensor
@@ -212,7 +213,7 @@ def test_layer_decay_groups_scale_lr_by_depth():
         assert group["lr_scale"] == pytest.approx(0.75 ** (depth + 1 - layer_id(name))), name
         no_decay = param.ndim <= 1 or name in ("cls_token", "pos_embed")
         assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
-    linear.set_lr(optimizer, 2e-3)  # the schedule's value, scaled per group
+    protocol.set_lr(optimizer, 2e-3)  # the schedule's value, scaled per group
     assert all(g["lr"] == pytest.approx(2e-3 * g["lr_scale"]) for g in optimizer.param_groups)
 
 
@@ -368,7 +369,7 @@ def probe_on_clusters(schedule: np.ndarray, steps_per_epoch: int) -> tuple[float
         epoch, i = divmod(step, steps_per_epoch)
         order = torch.randperm(2000, generator=torch.Generator().manual_seed(epoch))
         batch = order[i * 100:(i + 1) * 100]
-        linear.set_lr(optimizer, float(lr))
+        protocol.set_lr(optimizer, float(lr))
         loss = torch.nn.functional.cross_entropy(head(train[batch]), train_labels[batch])
         optimizer.zero_grad()
         loss.backward()

@@ -22,10 +22,11 @@ import torch
 
 from configs.schema import ConfigError, load_config
 from evaluation.knn import KnnConfig, extract_features, knn_classify
-from evaluation.weights import export_encoder, load_encoder
+from evaluation.weights import EncoderSpec, export_encoder, load_encoder
+from evaluation.data import open_splits
+from evaluation.protocol import ProtocolError
 from loaders.builder import build_loader
 from loaders.manifest import DatasetNotFoundError
-from loaders.shards import open_converted
 from trainer.distributed import init_process
 
 RESULTS_FILE = "eval_results.jsonl"
@@ -50,14 +51,34 @@ def load_protocol_config(args: argparse.Namespace, schema: type, extra: dict):
         raise ConfigError(f"{error}{hint}") from None
 
 
-def record(weights: str, result: dict) -> None:
-    """Print the result as a small table and append it to eval_results.jsonl next to the weights."""
+def describe(spec: EncoderSpec, root: str) -> dict:
+    """What a result row says about the model and the data (`eval.py report` matches on these)."""
+    return {"arch": spec.arch, "patch_size": spec.patch_size, "dataset": Path(root).name}
+
+
+def results_path(weights: str) -> Path:
+    """`eval_results.jsonl` next to the weights, checked appendable before anything is computed."""
+    path = Path(weights).resolve().parent / RESULTS_FILE
+    try:
+        if path.exists():
+            with path.open("a"):
+                pass
+        elif not os.access(path.parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"the folder {path.parent} is not writable")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OSError(f"cannot append results to {path} ({reason}): make it writable, or evaluate a copy "
+                      f"of the weights in a writable folder") from None
+    return path
+
+
+def record(path: Path, weights: str, result: dict) -> None:
+    """Print the result as a small table and append it to `path` (eval_results.jsonl next to the weights)."""
     rows = result.pop("rows", None) or [result]
     keys = [k for k in rows[0] if k not in ("weights",)]
     print("  ".join(f"{k:>10}" for k in keys))
     for row in rows:
         print("  ".join(f"{row[k]:>10.2f}" if isinstance(row[k], float) else f"{str(row[k]):>10}" for k in keys))
-    path = Path(weights).resolve().parent / RESULTS_FILE
     with path.open("a") as out:
         for row in rows:
             out.write(json.dumps({"weights": str(Path(weights).resolve()), **row}) + "\n")
@@ -90,10 +111,11 @@ def knn_accuracy(encoder: torch.nn.Module, config: KnnConfig, process, dataset, 
 
 
 def run_knn(args: argparse.Namespace) -> None:
-    process = init_process()
     encoder, spec, extra = load_encoder(args.weights, random_init=args.random_init)
+    results = results_path(args.weights)
     config: KnnConfig = load_protocol_config(args, KnnConfig, extra)
-    dataset = open_converted(config.data.root)
+    dataset = open_splits(config.data.root, config.data.train_split, config.data.val_split)
+    process = init_process()
     runs = [(args.random_init, encoder)]
     if args.compare_random and not args.random_init:
         runs.append((True, load_encoder(args.weights, random_init=True)[0]))
@@ -101,10 +123,10 @@ def run_knn(args: argparse.Namespace) -> None:
     for random_init, model in runs:
         tag = f"{Path(args.weights).stem}{'-random' if random_init else ''}"
         accuracy = knn_accuracy(model, config, process, dataset, tag)
-        rows += [{"protocol": "knn", "k": k, "top1": top1, "top5": top5, "arch": spec.arch, "random_init": random_init}
-                 for k, (top1, top5) in accuracy.items()]
+        rows += [{"protocol": "knn", "k": k, "top1": top1, "top5": top5, "random_init": random_init,
+                  **describe(spec, config.data.root)} for k, (top1, top5) in accuracy.items()]
     if process.is_main:
-        record(args.weights, {"rows": rows})
+        record(results, args.weights, {"rows": rows})
         if len(runs) == 2:
             k = 20 if 20 in config.ks else config.ks[0]
             trained, random = (next(r["top1"] for r in rows if r["k"] == k and r["random_init"] is flag)
@@ -121,11 +143,12 @@ def run_trained_protocol(args: argparse.Namespace) -> None:
     else:
         from evaluation.finetune import run_finetune as run
         from evaluation.protocol_config import FinetuneConfig as schema
-    _, _, extra = load_encoder(args.weights)
+    _, spec, extra = load_encoder(args.weights)
+    results = results_path(args.weights)
     config = load_protocol_config(args, schema, extra)
     result = run(config, args.weights, random_init=args.random_init)
     if int(os.environ.get("RANK", 0)) == 0:  # the protocol has left the process group by now
-        record(args.weights, {**result, "random_init": args.random_init})
+        record(results, args.weights, {**result, "random_init": args.random_init, **describe(spec, config.data.root)})
 
 
 def run_similarity(args: argparse.Namespace) -> None:
@@ -177,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, DatasetNotFoundError, ValueError, FileNotFoundError) as error:
+    except (ConfigError, DatasetNotFoundError, ProtocolError, ValueError, OSError) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -23,9 +23,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD, eval_view, to_tensor
 from loaders.sampling import epoch_indices, num_batches
 from loaders.seeding import derive_seed, seeded
-from loaders.shards import ShardSamples
+from loaders.manifest import ConvertedDataset
+from loaders.shards import ShardSamples, open_converted
 
 Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def open_splits(root: str, *splits: str) -> ConvertedDataset:
+    """The converted dataset at `root`, checked to hold each of `splits` (a one-line `ValueError` names the
+    missing one and the splits there are; the loaders' own error would come later, mid-run)."""
+    dataset = open_converted(root)
+    for split in splits:
+        try:
+            dataset.count(split)
+        except (LookupError, ValueError):
+            raise ValueError(f"{root} has no split {split!r} (it has {', '.join(dataset.manifest['splits'])}): "
+                             f"set data.train_split / data.val_split to one of those") from None
+    return dataset
 
 
 def linear_train_transform(size: int) -> Transform:

@@ -1,6 +1,8 @@
 """eval.py: kNN against hand-computed and brute-force references, weights formats, timm export."""
 import json
 import math
+import os
+import stat
 
 import pytest
 import timm
@@ -133,3 +135,16 @@ def test_knn_similarity_and_results_file_on_real_images(cifar_folder, tmp_path):
     assert eval_cli.main(["similarity", "--weights", str(tmp_path / "released.pth"), "--data", str(tmp_path / "cifar"),
                           "--query", "3", "--out", str(out)]) == 0
     assert out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_export_has_the_permissions_of_a_new_file(tmp_path, umask, mode):
+    """0666 minus the umask, like any file the user creates (not the 0600 of a private temporary)."""
+    torch.save({"model": encoder_keys(create_vit("vit_mini", 32, 8), "momentum.")}, tmp_path / "w.pt")
+    previous = os.umask(umask)
+    try:
+        export_encoder(tmp_path / "w.pt", tmp_path / "e.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "e.safetensors").stat().st_mode) == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors", "w.pt"]  # no temporary left

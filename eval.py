@@ -6,6 +6,7 @@ inter-instance similarity picture, or export the encoder for timm.
     torchrun eval.py finetune --config configs/eval/finetune_vit_small_cifar10.yaml --weights CKPT
     python eval.py similarity --weights CKPT --data DIR --query N --out picture.png
     python eval.py export     --weights CKPT --out encoder.safetensors
+    python eval.py report     RUN_DIR [RUN_DIR ...] [--out report.md]
 
 `--weights` takes our checkpoints, an exported encoder or the paper's released checkpoints (the
 momentum encoder is used when present). `--config` may be left out when the checkpoint's own
@@ -75,7 +76,7 @@ def results_path(weights: str) -> Path:
 def record(path: Path, weights: str, result: dict) -> None:
     """Print the result as a small table and append it to `path` (eval_results.jsonl next to the weights)."""
     rows = result.pop("rows", None) or [result]
-    keys = [k for k in rows[0] if k not in ("weights",)]
+    keys = [k for k in rows[0] if k != "weights" and not isinstance(rows[0][k], (list, dict))]  # not history
     print("  ".join(f"{k:>10}" for k in keys))
     for row in rows:
         print("  ".join(f"{row[k]:>10.2f}" if isinstance(row[k], float) else f"{str(row[k]):>10}" for k in keys))
@@ -167,6 +168,13 @@ def run_export(args: argparse.Namespace) -> None:
           f"    model.load_state_dict(safetensors.torch.load_file('{args.out}'), strict=True)")
 
 
+def run_report(args: argparse.Namespace) -> None:
+    from evaluation.report import write_report
+
+    print(write_report(args.run_dirs, args.out), end="")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,11 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="the encoder as timm-loadable safetensors")
     p.add_argument("--weights", required=True)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("report", help="our results next to the paper's, throughput, training curves (Markdown + PNG)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="pre-training output folders")
+    p.add_argument("--out", default="report.md", help="the Markdown file; the curves go next to it as .png")
     return parser
 
 
 COMMANDS = {"knn": run_knn, "linear": run_trained_protocol, "finetune": run_trained_protocol,
-            "similarity": run_similarity, "export": run_export}
+            "similarity": run_similarity, "export": run_export, "report": run_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
@@ -31,6 +32,11 @@ def random_bytes(tmp: Path, _: str) -> list[str]:
 
 def text_file(tmp: Path, _: str) -> list[str]:
     (tmp / "w.pt").write_text("these are not weights\n")
+    return ["knn", "--weights", str(tmp / "w.pt"), "data.root=x"]
+
+
+def pickled_objects(tmp: Path, _: str) -> list[str]:
+    torch.save({"model": {"cls_token": numpy.zeros(3)}}, tmp / "w.pt")  # unpickling would need numpy's globals
     return ["knn", "--weights", str(tmp / "w.pt"), "data.root=x"]
 
 
@@ -77,6 +83,8 @@ def missing_weights(tmp: Path, _: str) -> list[str]:
 CASES = [  # (make the mistake, what the message must say)
     (random_bytes, r"w\.pt cannot be read as weights \(not a torch checkpoint of tensors\): pass our last\.pt"),
     (text_file, r"w\.pt cannot be read as weights \(not a torch checkpoint of tensors\): pass"),
+    (pickled_objects, r"w\.pt cannot be read as weights \(it holds objects other than tensors and plain "
+                      r"containers, which are never unpickled here\)"),
     (text_named_safetensors, r"w\.safetensors is not a valid safetensors file \(.*\): pass"),
     (arch_mismatch, r"the config expects arch='vit_small' but .* holds a vit_mini .* pass arch=vit_mini"),
     (missing_split_knn, r"has no split 'validation' \(it has train, val\): set data.train_split"),

@@ -229,13 +229,43 @@ def test_classifier_has_the_encoder_weights_and_drop_path(weights):
 
 # ---------------------------------------------------------------------------------------- linear probe
 
-def test_linear_probe_trains_a_head_on_a_frozen_backbone(cifar_root, weights, tmp_path):
-    result = run_linear(linear_config(cifar_root, tmp_path, "epochs=2"), weights)
+def validate(classifier: torch.nn.Module, root: str, resize_crop: bool = True) -> tuple[float, float]:
+    """Top-1/top-5 of `classifier` on the 50 validation images, in this process (an independent pass)."""
+    loader = ImageLoader(ShardSamples(open_converted(root), "val"), eval_transform(32, resize_crop), batch_size=64,
+                         train=False, workers=0, device=torch.device("cpu"))
+    return protocol.evaluate(classifier, loader, bf16=False)
+
+
+def initial_parameters(module, name: str, monkeypatch) -> dict[str, torch.Tensor]:
+    """Wrap `module.name` (an optimizer builder taking the trained module first) to copy the parameters
+    it is given, i.e. the weights before the first step."""
+    original, copies = getattr(module, name), {}
+
+    def build(model, *args, **kwargs):
+        copies.update({k: v.detach().clone() for k, v in model.named_parameters()})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, build)
+    return copies
+
+
+def test_linear_probe_trains_a_head_on_a_frozen_backbone(cifar_root, weights, tmp_path, monkeypatch):
+    initial = initial_parameters(linear, "build_linear_optimizer", monkeypatch)
+    result = run_linear(linear_config(cifar_root, tmp_path, "epochs=2", "lr=0.5"), weights)
     check_result(result, "linear", 2)
     assert result["backbone_unchanged"] is True
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert set(state["modules"]) == {"head"} and state["modules"]["head"]["weight"].shape == (10, 128)
     assert [json.loads(line)["epoch"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    # Training happened: every head parameter moved, and the mean loss fell from epoch 1 to epoch 2.
+    head = state["modules"]["head"]
+    assert initial.keys() == head.keys() and all(not torch.equal(initial[k], head[k]) for k in head)
+    assert result["history"][1]["loss"] < result["history"][0]["loss"]
+    # The reported accuracy is the saved head's, on the whole validation split.
+    encoder, _, _ = load_encoder(weights)
+    trained = torch.nn.Linear(128, 10)
+    trained.load_state_dict(head)
+    assert validate(linear.LinearProbe(encoder, trained, bf16=False), cifar_root) == (result["top1"], result["top5"])
 
 
 def test_linear_probe_detects_a_changed_backbone(cifar_root, weights, tmp_path, monkeypatch):
@@ -292,11 +322,21 @@ def test_config_must_match_the_weights(cifar_root, weights, tmp_path):
 
 # ------------------------------------------------------------------------------------------ fine-tuning
 
-def test_finetune_reports_model_and_ema(cifar_root, weights, tmp_path):
-    result = run_finetune(finetune_config(cifar_root, tmp_path, "epochs=1"), weights)
+def test_finetune_reports_model_and_ema(cifar_root, weights, tmp_path, monkeypatch):
+    initial = initial_parameters(finetune, "build_optimizer", monkeypatch)
+    result = run_finetune(finetune_config(cifar_root, tmp_path, "epochs=1", "lr=2e-3"), weights)
     check_result(result, "finetune", 1, prefixes=("", "ema_"))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert set(state["modules"]) == {"model", "ema"} and state["modules"]["model"]["head.weight"].shape == (10, 128)
+    # Training happened: the encoder's blocks and the new head moved (the classifier starts as the encoder).
+    model = state["modules"]["model"]
+    moved = [k for k in initial if not torch.equal(initial[k], model[k])]
+    assert "head.weight" in moved and any(k.startswith("blocks.3.") for k in moved) and len(moved) > len(initial) // 2
+    # The reported top1 is the model's (not the EMA's), validated on the stored 32-px images.
+    encoder, spec, _ = load_encoder(weights)
+    classifier = build_classifier(encoder, spec, 10, drop_path=0.1)
+    classifier.load_state_dict(model)
+    assert validate(classifier, cifar_root, resize_crop=False) == (result["top1"], result["top5"])
 
 
 @pytest.mark.slow
@@ -314,12 +354,22 @@ def test_finetune_resumes_exactly(cifar_root, weights, tmp_path, monkeypatch):
 DDP_SCRIPT = """
 import json, os, sys
 from pathlib import Path
+import torch
 from configs.schema import load_config
-from evaluation.finetune import run_finetune
-from evaluation.linear import run_linear
-from evaluation.protocol_config import FinetuneConfig, LinearConfig, base_lr
+from evaluation import finetune, linear
+from evaluation.protocol_config import FinetuneConfig, LinearConfig
 protocol, config_dir, root, out, weights = sys.argv[1:6]
-schema, run = {"linear": (LinearConfig, run_linear), "finetune": (FinetuneConfig, run_finetune)}[protocol]
+module = {"linear": linear, "finetune": finetune}[protocol]
+original_fit = module.fit
+
+def fit(run):  # also save this rank's trained modules
+    history = original_fit(run)
+    torch.save({name: m.state_dict() for name, m in run.modules.items()}, Path(out, f"modules-{os.environ['RANK']}.pt"))
+    return history
+
+module.fit = fit
+schema = {"linear": LinearConfig, "finetune": FinetuneConfig}[protocol]
+run = {"linear": linear.run_linear, "finetune": finetune.run_finetune}[protocol]
 overrides = [f"data.root={root}", f"output_dir={out}", "arch=vit_mini", "patch_size=8", "data.image_size=32",
              "data.workers=0", "batch_size=64", "epochs=1", *(["warmup_epochs=1"] if protocol == "finetune" else [])]
 result = run(load_config(f"{config_dir}/{protocol}_vit_tiny_cifar10.yaml", overrides, schema=schema), weights)
@@ -331,19 +381,41 @@ Path(out, f"result-{os.environ['RANK']}.json").write_text(json.dumps({k: v for k
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol,port", [("linear", 29517), ("finetune", 29518)])
 def test_protocols_under_torchrun_ddp(protocol, port, cifar_root, weights, tmp_path):
-    """One protocol per torchrun job, as eval.py runs them: DDP over gloo, every rank the same result."""
+    """One protocol per torchrun job, as eval.py runs them: DDP over gloo. Beyond identical all-reduced
+    accuracies: the two replicas stay identical (DDP averaged their gradients) and are what last.pt
+    holds, the fine-tuned encoder moved, and the reported accuracy is the saved classifier's on every
+    validation image, recomputed here in one process (the ranks' shards together cover the split once)."""
     script = tmp_path / "ddp_eval.py"
     script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(script), protocol, str(CONFIGS), cifar_root, str(tmp_path / "out"), weights]
+               str(script), protocol, str(CONFIGS), cifar_root, str(out), weights]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
-    per_rank = [json.loads((tmp_path / "out" / f"result-{rank}.json").read_text()) for rank in range(2)]
-    assert len(per_rank) == 2 and per_rank[0] == per_rank[1]  # all-reduced accuracies: identical on every rank
+    per_rank = [json.loads((out / f"result-{rank}.json").read_text()) for rank in range(2)]
+    assert per_rank[0] == per_rank[1]  # all-reduced accuracies: identical on every rank
     assert per_rank[0]["protocol"] == protocol and per_rank[0]["epochs"] == 1
-    assert all(0 <= per_rank[0][k] <= 100 for k in ("top1", "top5"))
-    assert (tmp_path / "out" / "last.pt").is_file()
+    assert (out / "last.pt").is_file()
+
+    modules = [torch.load(out / f"modules-{rank}.pt", weights_only=True) for rank in range(2)]
+    name = "head" if protocol == "linear" else "model"
+    replicas = [m[name] for m in modules]
+    assert replicas[0].keys() == replicas[1].keys()
+    assert all(torch.equal(replicas[0][k], replicas[1][k]) for k in replicas[0])  # in sync after 2 steps
+    saved = torch.load(out / "last.pt", weights_only=True)["modules"][name]
+    assert all(torch.equal(saved[k], v) for k, v in replicas[0].items())
+    encoder, spec, _ = load_encoder(weights)
+    if protocol == "linear":
+        head = torch.nn.Linear(128, 10)
+        head.load_state_dict(replicas[0])
+        classifier, resize_crop = linear.LinearProbe(encoder, head, bf16=False), True
+    else:
+        qkv = "blocks.0.attn.qkv.weight"
+        assert not torch.equal(replicas[0][qkv], encoder.state_dict()[qkv])  # the encoder was fine-tuned
+        classifier, resize_crop = build_classifier(encoder, spec, 10, drop_path=0.1), False
+        classifier.load_state_dict(replicas[0])
+    assert validate(classifier, cifar_root, resize_crop) == (per_rank[0]["top1"], per_rank[0]["top5"])
 
 
 # ----------------------------------------------------------------------------- per-iteration cosine

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from configs.schema import ConfigError, load_config
-from evaluation.knn import KnnConfig, extract_features, knn_classify
-from evaluation.weights import EncoderSpec, export_encoder, load_encoder
 from evaluation.data import open_splits
+from evaluation.knn import KnnConfig, extract_features, knn_classify
 from evaluation.protocol import ProtocolError
+from evaluation.weights import EncoderSpec, export_encoder, load_encoder
 from loaders.builder import build_loader
 from loaders.manifest import DatasetNotFoundError
 from trainer.distributed import init_process

@@ -70,6 +70,12 @@ def run_finetune(config: FinetuneConfig, weights: str, random_init: bool = False
         if mixing and setup.batch_size % 2:
             raise ProtocolError(f"mixup/cutmix pair each sample with another: the per-rank batch "
                                 f"{setup.batch_size} must be even")
+        if not config.eval_resize_crop:  # found now rather than at the end of the first epoch
+            stored = setup.val_samples.decode(0)[0].size
+            if stored != (setup.image_size, setup.image_size):
+                raise ProtocolError(f"eval_resize_crop=false validates the stored images as they are, but they are "
+                                    f"{stored[0]}x{stored[1]}, not {setup.image_size}x{setup.image_size}: "
+                                    f"set eval_resize_crop=true")
         model = build_classifier(setup.encoder, setup.spec, setup.num_classes, config.drop_path).to(process.device)
         ema = ModelEmaV3(model, decay=config.ema_decay)
         step_model = DistributedDataParallel(model) if process.world_size > 1 else model

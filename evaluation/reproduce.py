@@ -91,7 +91,7 @@ def execute(stages: list[Stage], dry_run: bool = False, runner=subprocess.run) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a pre-training YAML in configs/, e.g. configs/vitt_cifar10.yaml")
+    parser.add_argument("--config", required=True, help="a pre-training YAML, e.g. configs/vitt_cifar10.yaml")
     parser.add_argument("--nproc", type=int, default=8, help="processes (GPUs) per stage")
     parser.add_argument("--dry-run", action="store_true", help="print the stages and what would run")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides for train.py")

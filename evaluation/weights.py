@@ -56,7 +56,7 @@ def _raw_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise WeightsError(f"{path} is not a valid safetensors file ({error}): pass {ACCEPTED}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
+    except OSError:  # an I/O failure, not a wrong file: eval.py reports it as it is
         raise
     except Exception as error:  # torch raises UnpicklingError, KeyError, RuntimeError... for a non-checkpoint
         reason = ("it holds objects other than tensors and plain containers, which are never unpickled here"

@@ -60,6 +60,11 @@ def missing_split_linear(tmp: Path, root: str) -> list[str]:
             "patch_size=8", "data.image_size=32", "data.train_split=training", f"output_dir={tmp / 'out'}"]
 
 
+def unresized_view_of_another_size(tmp: Path, root: str) -> list[str]:
+    return ["finetune", "--weights", str(write_checkpoint(tmp / "w.pt")), f"data.root={root}", "arch=vit_mini",
+            "patch_size=8", "data.image_size=64", "eval_resize_crop=false", "lr=1e-3", f"output_dir={tmp / 'out'}"]
+
+
 def export_into_missing_folder(tmp: Path, _: str) -> list[str]:
     return ["export", "--weights", str(write_checkpoint(tmp / "w.pt")), "--out", str(tmp / "no" / "e.safetensors")]
 
@@ -89,12 +94,14 @@ CASES = [  # (make the mistake, what the message must say)
     (arch_mismatch, r"the config expects arch='vit_small' but .* holds a vit_mini .* pass arch=vit_mini"),
     (missing_split_knn, r"has no split 'validation' \(it has train, val\): set data.train_split"),
     (missing_split_linear, r"has no split 'training' \(it has train, val\): set data.train_split"),
+    (unresized_view_of_another_size, r"eval_resize_crop=false validates the stored images as they are, but they "
+                                     r"are 32x32, not 64x64: set eval_resize_crop=true"),
     (export_into_missing_folder, r"the folder .*/no does not exist; create it first"),
     (export_onto_directory, r"--out .*/exported is a directory: pass a file name"),
     (results_not_appendable, r"cannot append results to .*eval_results\.jsonl \(Is a directory\): make it writable"),
     (missing_weights, r"nope\.pt does not exist: pass"),
 ]
-NEEDS_DATA = {missing_split_knn, missing_split_linear, results_not_appendable}
+NEEDS_DATA = {missing_split_knn, missing_split_linear, unresized_view_of_another_size, results_not_appendable}
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -217,3 +217,21 @@ def test_export_has_the_permissions_of_a_new_file(tmp_path, umask, mode):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "e.safetensors").stat().st_mode) == mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors", "w.pt"]  # no temporary left
+
+
+def test_random_projection_of_the_class_token_as_the_released_knn_script_uses():
+    """docs/evaluation.md's figures: a 1000-d Gaussian projection (the released script's random head) of
+    192-d features (ViT-T) moves cosines by ~1/sqrt(1000)·0.8 on average; with isotropic clusters whose
+    neighbours' cosines are close together, that reorders neighbours and costs kNN points."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 192, generator=gen)
+    train_labels, test_labels = torch.randint(0, 10, (5000,), generator=gen), torch.randint(0, 10, (1000,), generator=gen)
+    train = centres[train_labels] + 3.0 * torch.randn(5000, 192, generator=gen)
+    test = centres[test_labels] + 3.0 * torch.randn(1000, 192, generator=gen)
+    projection = torch.randn(192, 1000, generator=gen)
+    cosines = F.normalize(test, dim=1) @ F.normalize(train, dim=1).T
+    projected = F.normalize(test @ projection, dim=1) @ F.normalize(train @ projection, dim=1).T
+    assert (cosines - projected).abs().mean().item() == pytest.approx(0.025, abs=0.001)
+    token = knn_classify(train, train_labels, test, test_labels, 10, ks=(20,))[20][0]
+    random_head = knn_classify(train @ projection, train_labels, test @ projection, test_labels, 10, ks=(20,))[20][0]
+    assert (token, random_head) == pytest.approx((98.3, 96.6), abs=0.01)

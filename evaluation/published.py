@@ -19,5 +19,6 @@ PUBLISHED: dict[tuple[str, str, int], dict[str, float]] = {
 
 
 def published(dataset: str, arch: str, patch_size: int, protocol: str) -> float | None:
-    """The paper's top-1 for this model, dataset and protocol, or None when it publishes none."""
+    """The paper's top-1 for this model, dataset and protocol (or its pre-training epochs for
+    `protocol="pretrain_epochs"`), or None when it publishes none."""
     return PUBLISHED.get((dataset, arch, patch_size), {}).get(protocol)

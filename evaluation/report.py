@@ -218,7 +218,9 @@ def write_report(run_dirs: list[str], out: str) -> str:
     for run in runs:
         s = pretraining_summary(run)
         steps = "no log.jsonl" if s["steps"] is None else str(s["steps"])
-        pretraining.append([run.name, run.dataset, f"{run.arch}/{run.patch_size}", str(run.epochs), steps,
+        paper_epochs = published(run.dataset, run.arch, run.patch_size, "pretrain_epochs")
+        pretraining.append([run.name, run.dataset, f"{run.arch}/{run.patch_size}", str(run.epochs),
+                            "—" if paper_epochs is None else str(paper_epochs), steps,
                             "—" if s["images_per_s"] is None else f"{s['images_per_s']:.1f}",
                             "—" if s["mfu"] is None else f"{100 * s['mfu']:.1f} %", duration(s["seconds"]),
                             "—" if s["loss"] is None or not math.isfinite(s["loss"]) else f"{s['loss']:.4f}",
@@ -233,7 +235,7 @@ def write_report(run_dirs: list[str], out: str) -> str:
         "## Pre-training",
         "Images/s and MFU are averaged over the logged steps, weighted by time; wall-clock is the estimated time "
         "in training steps (steps × logged step time; start-up, checkpoints and kNN passes not included).",
-        markdown_table(["run", "dataset", "model", "epochs", "steps logged", "images/s", "MFU", "wall-clock",
+        markdown_table(["run", "dataset", "model", "epochs", "paper epochs", "steps logged", "images/s", "MFU", "wall-clock",
                         "last loss", "last kNN top-1"], pretraining),
         "## Training curves",
         f"![training curves]({png.name})",

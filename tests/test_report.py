@@ -102,10 +102,10 @@ def test_pretraining_throughput_and_wall_clock_from_the_log(runs, tmp_path):
     seconds = sum(10 * r["step_time_s"] for r in training)  # every record closes a window of 10 steps
     images = sum(10 * r["step_time_s"] * r["images_per_s"] for r in training)
     pretraining = table_rows(text.split("## Pre-training")[1], "done")
-    assert pretraining == [["done", "cifar10", "vit_tiny/2", "800", "30", f"{images / seconds:.1f}", "—",
+    assert pretraining == [["done", "cifar10", "vit_tiny/2", "800", "800", "30", f"{images / seconds:.1f}", "—",
                             duration(seconds), f"{training[-1]['loss']:.4f}", "41.50"]]
     assert table_rows(text.split("## Pre-training")[1], "fresh") == [
-        ["fresh", "cifar10", "vit_tiny/2", "800", "no log.jsonl", "—", "—", "—", "—", "—"]]
+        ["fresh", "cifar10", "vit_tiny/2", "800", "800", "no log.jsonl", "—", "—", "—", "—", "—"]]
 
 
 def test_report_draws_the_training_curves(runs, tmp_path):

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 SYSDEPS_APT := pkg-config libopencv-dev libturbojpeg0-dev
 
-.PHONY: setup sysdeps test test-fast demo clean
+.PHONY: setup sysdeps test test-fast demo reproduce clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,16 @@ demo: setup
 	fi; \
 	$(PY) train.py --config configs/demo.yaml data.root=$$root data.backend=$$backend output_dir=$(DEMO_OUT) $(DEMO_ARGS); \
 	$(PY) eval.py knn --weights $(DEMO_OUT)/last.pt --compare-random
+
+# Reproduce a published row: pre-training, kNN, linear probe, fine-tuning, then the report next to the
+# paper's numbers, all in the config's output_dir. Resumable: a rerun skips the finished stages.
+# NPROC processes (GPUs) per stage; ARGS go to train.py, e.g. ARGS="data.root=/fast/datasets/cifar10".
+CONFIG ?=
+NPROC ?= 8
+ARGS ?=
+reproduce: setup
+	@test -n "$(CONFIG)" || { echo "usage: make reproduce CONFIG=configs/vitt_cifar10.yaml [NPROC=8] [ARGS='data.root=DIR']"; exit 1; }
+	$(PY) -m evaluation.reproduce --config $(CONFIG) --nproc $(NPROC) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -6,6 +6,7 @@ inter-instance similarity picture, or export the encoder for timm.
     torchrun eval.py finetune --config configs/eval/finetune_vit_small_cifar10.yaml --weights CKPT
     python eval.py similarity --weights CKPT --data DIR --query N --out picture.png
     python eval.py export     --weights CKPT --out encoder.safetensors
+    python eval.py report     RUN_DIR [RUN_DIR ...] [--out report.md]
 
 `--weights` takes our checkpoints, an exported encoder or the paper's released checkpoints (the
 momentum encoder is used when present). `--config` may be left out when the checkpoint's own
@@ -21,11 +22,12 @@ from pathlib import Path
 import torch
 
 from configs.schema import ConfigError, load_config
+from evaluation.data import open_splits
 from evaluation.knn import KnnConfig, extract_features, knn_classify
-from evaluation.weights import export_encoder, load_encoder
+from evaluation.protocol import ProtocolError
+from evaluation.weights import EncoderSpec, export_encoder, load_encoder
 from loaders.builder import build_loader
 from loaders.manifest import DatasetNotFoundError
-from loaders.shards import open_converted
 from trainer.distributed import init_process
 
 RESULTS_FILE = "eval_results.jsonl"
@@ -50,14 +52,34 @@ def load_protocol_config(args: argparse.Namespace, schema: type, extra: dict):
         raise ConfigError(f"{error}{hint}") from None
 
 
-def record(weights: str, result: dict) -> None:
-    """Print the result as a small table and append it to eval_results.jsonl next to the weights."""
+def describe(spec: EncoderSpec, root: str) -> dict:
+    """What a result row says about the model and the data (`eval.py report` matches on these)."""
+    return {"arch": spec.arch, "patch_size": spec.patch_size, "dataset": Path(root).name}
+
+
+def results_path(weights: str) -> Path:
+    """`eval_results.jsonl` next to the weights, checked appendable before anything is computed."""
+    path = Path(weights).resolve().parent / RESULTS_FILE
+    try:
+        if path.exists():
+            with path.open("a"):
+                pass
+        elif not os.access(path.parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"the folder {path.parent} is not writable")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OSError(f"cannot append results to {path} ({reason}): make it writable, or evaluate a copy "
+                      f"of the weights in a writable folder") from None
+    return path
+
+
+def record(path: Path, weights: str, result: dict) -> None:
+    """Print the result as a small table and append it to `path` (eval_results.jsonl next to the weights)."""
     rows = result.pop("rows", None) or [result]
-    keys = [k for k in rows[0] if k not in ("weights",)]
+    keys = [k for k in rows[0] if k != "weights" and not isinstance(rows[0][k], (list, dict))]  # not history
     print("  ".join(f"{k:>10}" for k in keys))
     for row in rows:
         print("  ".join(f"{row[k]:>10.2f}" if isinstance(row[k], float) else f"{str(row[k]):>10}" for k in keys))
-    path = Path(weights).resolve().parent / RESULTS_FILE
     with path.open("a") as out:
         for row in rows:
             out.write(json.dumps({"weights": str(Path(weights).resolve()), **row}) + "\n")
@@ -90,10 +112,11 @@ def knn_accuracy(encoder: torch.nn.Module, config: KnnConfig, process, dataset, 
 
 
 def run_knn(args: argparse.Namespace) -> None:
-    process = init_process()
     encoder, spec, extra = load_encoder(args.weights, random_init=args.random_init)
+    results = results_path(args.weights)
     config: KnnConfig = load_protocol_config(args, KnnConfig, extra)
-    dataset = open_converted(config.data.root)
+    dataset = open_splits(config.data.root, config.data.train_split, config.data.val_split)
+    process = init_process()
     runs = [(args.random_init, encoder)]
     if args.compare_random and not args.random_init:
         runs.append((True, load_encoder(args.weights, random_init=True)[0]))
@@ -101,10 +124,10 @@ def run_knn(args: argparse.Namespace) -> None:
     for random_init, model in runs:
         tag = f"{Path(args.weights).stem}{'-random' if random_init else ''}"
         accuracy = knn_accuracy(model, config, process, dataset, tag)
-        rows += [{"protocol": "knn", "k": k, "top1": top1, "top5": top5, "arch": spec.arch, "random_init": random_init}
-                 for k, (top1, top5) in accuracy.items()]
+        rows += [{"protocol": "knn", "k": k, "top1": top1, "top5": top5, "random_init": random_init,
+                  **describe(spec, config.data.root)} for k, (top1, top5) in accuracy.items()]
     if process.is_main:
-        record(args.weights, {"rows": rows})
+        record(results, args.weights, {"rows": rows})
         if len(runs) == 2:
             k = 20 if 20 in config.ks else config.ks[0]
             trained, random = (next(r["top1"] for r in rows if r["k"] == k and r["random_init"] is flag)
@@ -121,11 +144,12 @@ def run_trained_protocol(args: argparse.Namespace) -> None:
     else:
         from evaluation.finetune import run_finetune as run
         from evaluation.protocol_config import FinetuneConfig as schema
-    _, _, extra = load_encoder(args.weights)
+    _, spec, extra = load_encoder(args.weights)
+    results = results_path(args.weights)
     config = load_protocol_config(args, schema, extra)
     result = run(config, args.weights, random_init=args.random_init)
     if int(os.environ.get("RANK", 0)) == 0:  # the protocol has left the process group by now
-        record(args.weights, {**result, "random_init": args.random_init})
+        record(results, args.weights, {**result, "random_init": args.random_init, **describe(spec, config.data.root)})
 
 
 def run_similarity(args: argparse.Namespace) -> None:
@@ -142,6 +166,13 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({spec.arch}, {spec.img_size}px, patch {spec.patch_size}). Load it with timm:\n"
           f"    model = timm.create_model('{name}', {arguments})\n"
           f"    model.load_state_dict(safetensors.torch.load_file('{args.out}'), strict=True)")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from evaluation.report import write_report
+
+    print(write_report(args.run_dirs, args.out), end="")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,18 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="the encoder as timm-loadable safetensors")
     p.add_argument("--weights", required=True)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("report", help="our results next to the paper's, throughput, training curves (Markdown + PNG)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="pre-training output folders")
+    p.add_argument("--out", default="report.md", help="the Markdown file; the curves go next to it as .png")
     return parser
 
 
 COMMANDS = {"knn": run_knn, "linear": run_trained_protocol, "finetune": run_trained_protocol,
-            "similarity": run_similarity, "export": run_export}
+            "similarity": run_similarity, "export": run_export, "report": run_report}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, DatasetNotFoundError, ValueError, FileNotFoundError) as error:
+    except (ConfigError, DatasetNotFoundError, ProtocolError, ValueError, OSError) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -3,7 +3,9 @@
 - linear train: RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation;
 - fine-tune train: timm's `create_transform` (RandAugment, random erasing, bicubic crops), plus
   repeated augmentation (`repeated_indices`);
-- evaluation: `eval_view` (resize to size·256/224, centre crop), every sample exactly once over ranks.
+- evaluation: `eval_view` (resize to size·256/224, centre crop), or `stored_view` (the stored image,
+  only normalised: the published fine-tuning evaluation of 32-px CIFAR), every sample exactly once
+  over ranks.
 
 Each sample's augmentation is seeded by `(seed, epoch, rank, position)`, so a batch does not
 depend on which worker made it, and a resumed run sees the same images as an uninterrupted one.
@@ -18,13 +20,26 @@ from timm.data import auto_augment, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
+from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD, eval_view, to_tensor
 from loaders.sampling import epoch_indices, num_batches
 from loaders.seeding import derive_seed, seeded
-from loaders.shards import ShardSamples
-from loaders.eval_view import eval_view
+from loaders.manifest import ConvertedDataset
+from loaders.shards import ShardSamples, open_converted
 
 Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def open_splits(root: str, *splits: str) -> ConvertedDataset:
+    """The converted dataset at `root`, checked to hold each of `splits` (a one-line `ValueError` names the
+    missing one and the splits there are; the loaders' own error would come later, mid-run)."""
+    dataset = open_converted(root)
+    for split in splits:
+        try:
+            dataset.count(split)
+        except (LookupError, ValueError):
+            raise ValueError(f"{root} has no split {split!r} (it has {', '.join(dataset.manifest['splits'])}): "
+                             f"set data.train_split / data.val_split to one of those") from None
+    return dataset
 
 
 def linear_train_transform(size: int) -> Transform:
@@ -56,9 +71,18 @@ def finetune_train_transform(size: int, randaugment: str, re_prob: float, crop_p
     return transform
 
 
-def eval_transform(size: int) -> Transform:
-    """The evaluation view shared with kNN and the loaders (docs/method.md §7)."""
-    return partial(eval_view, size=size)
+def stored_view(image: Image.Image, size: int) -> torch.Tensor:
+    """The stored image, only normalised: no resize, no crop (docs/method.md §7, fine-tuning on CIFAR)."""
+    if image.size != (size, size):
+        raise ValueError(f"eval_resize_crop=false validates the stored images as they are, but one is "
+                         f"{image.width}x{image.height}, not {size}x{size}: set eval_resize_crop=true")
+    return to_tensor(image)
+
+
+def eval_transform(size: int, resize_crop: bool = True) -> Transform:
+    """The validation view: `eval_view` (shared with kNN and the loaders) or, with `resize_crop=False`,
+    `stored_view` (docs/method.md §7)."""
+    return partial(eval_view if resize_crop else stored_view, size=size)
 
 
 def repeated_indices(num_samples: int, batch_size: int, *, repeats: int, seed: int = 0, epoch: int = 0,

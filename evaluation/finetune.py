@@ -4,12 +4,14 @@
 
 The encoder is rebuilt with drop path 0.1 and a linear classifier on the class token, then
 trained with AdamW (`timm.optim.create_optimizer_v2`: weight decay 0.05 on weights only and
-layer-wise lr decay 0.75 through the ViT's `group_matcher`), lr `5e-4 × batch/256` warmed up
-from 1e-6 over 10 epochs then cosine to 1e-5 per iteration, timm's RandAugment and random
-erasing (`evaluation.data`), repeated augmentation, `timm.data.Mixup` (mixup 0.8, cutmix 1.0,
-label smoothing 0.1) with `SoftTargetCrossEntropy`, and a `ModelEmaV3` (decay 0.99996)
-updated every step. Both the model and its EMA are validated every epoch. Checkpoints, resume
-and DDP are `evaluation.linear.fit`'s.
+layer-wise lr decay 0.75 through the ViT's `group_matcher`), lr `base × batch/256` (base 1e-3
+for ViT-T, 5e-4 for ViT-S/B) warmed up from 1e-6 over 10 epochs then cosine to 1e-5 per
+iteration, timm's RandAugment and random erasing (`evaluation.data`), no repeated augmentation
+(as published; `repeated_aug` turns it on), `timm.data.Mixup` (mixup 0.8, cutmix 1.0, label
+smoothing 0.1) with `SoftTargetCrossEntropy`, and a `ModelEmaV3` (decay 0.99996) updated every
+step. Both the model and its EMA are validated every epoch; the reported `top1` is the model's,
+as published (the EMA's is `ema_top1`). Checkpoints, resume and DDP are
+`evaluation.protocol.fit`'s.
 """
 import torch
 from timm.data import Mixup
@@ -21,8 +23,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from evaluation.data import finetune_train_transform
-from evaluation.linear import ProtocolError, Run, fit, prepare, protocol_process, run_identity, summary
-from evaluation.protocol_config import FinetuneConfig
+from evaluation.protocol import ProtocolError, Run, fit, prepare, protocol_process, run_identity, summary
+from evaluation.protocol_config import FinetuneConfig, base_lr
 from evaluation.weights import EncoderSpec
 from model.vit import ViT, create_vit
 from trainer.schedules import cosine_schedule
@@ -68,16 +70,23 @@ def run_finetune(config: FinetuneConfig, weights: str, random_init: bool = False
         if mixing and setup.batch_size % 2:
             raise ProtocolError(f"mixup/cutmix pair each sample with another: the per-rank batch "
                                 f"{setup.batch_size} must be even")
+        if not config.eval_resize_crop:  # found now rather than at the end of the first epoch
+            stored = setup.val_samples.decode(0)[0].size
+            if stored != (setup.image_size, setup.image_size):
+                raise ProtocolError(f"eval_resize_crop=false validates the stored images as they are, but they are "
+                                    f"{stored[0]}x{stored[1]}, not {setup.image_size}x{setup.image_size}: "
+                                    f"set eval_resize_crop=true")
         model = build_classifier(setup.encoder, setup.spec, setup.num_classes, config.drop_path).to(process.device)
         ema = ModelEmaV3(model, decay=config.ema_decay)
         step_model = DistributedDataParallel(model) if process.world_size > 1 else model
-        lr = config.lr * config.batch_size / 256
+        lr = base_lr(config, setup.spec.arch) * config.batch_size / 256
         optimizer = build_optimizer(model, config, lr)
         mix = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.smoothing,
                     num_classes=setup.num_classes) if mixing else None
         train_loader, val_loader = setup.loaders(
             config, finetune_train_transform(setup.image_size, config.auto_augment, config.re_prob,
-                                             config.crop_padding), repeats=config.repeated_aug)
+                                             config.crop_padding), repeats=config.repeated_aug,
+            eval_resize_crop=config.eval_resize_crop)
 
         def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             if mix is not None:
@@ -90,7 +99,8 @@ def run_finetune(config: FinetuneConfig, weights: str, random_init: bool = False
 
         schedule = cosine_schedule(lr, config.min_lr, config.epochs, len(train_loader), config.warmup_epochs,
                                    config.warmup_lr)
-        history = fit(Run("finetune", config, setup, run_identity(config, weights, random_init),
-                          {"model": model, "ema": ema}, optimizer, schedule, train_loader, val_loader, step,
-                          {"": model, "ema_": ema.module}))
+        history = fit(Run(name="finetune", config=config, setup=setup,
+                          identity=run_identity(config, weights, random_init), modules={"model": model, "ema": ema},
+                          optimizer=optimizer, lr_schedule=schedule, train_loader=train_loader,
+                          val_loader=val_loader, step=step, classifiers={"": model, "ema_": ema.module}))
         return summary("finetune", history, prefixes=("", "ema_"))

@@ -1,6 +1,9 @@
 """eval.py: kNN against hand-computed and brute-force references, weights formats, timm export."""
 import json
 import math
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import timm
@@ -9,9 +12,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import eval as eval_cli
+import train
 from evaluation.knn import chunk_rows, knn_classify
 from evaluation.weights import export_encoder, load_encoder
 from model.vit import ARCHS, create_vit
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_knn_on_a_hand_computed_example():
@@ -103,17 +109,80 @@ def test_export_round_trips_through_timm(tmp_path, arch, size, patch):
     assert torch.equal(model(x), encoder.forward_head(encoder.forward_features(x), pre_logits=True))
 
 
-def test_eval_cli_knn_and_export_on_a_trained_checkpoint(tmp_path, capsys):
-    encoder = create_vit("vit_mini", 32, 8)
-    torch.save({"model": encoder_keys(encoder, "momentum.")}, tmp_path / "w.pt")
-    assert eval_cli.main(["export", "--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "e.safetensors")]) == 0
+@pytest.fixture(scope="module")
+def trained_run(cifar_root, tmp_path_factory) -> Path:
+    """A real train.py run folder: 4 PatchMix steps of a small vit_mini/8 (momentum encoder on) on 300
+    CIFAR images; its last.pt holds the config, so eval.py needs no --config."""
+    out = tmp_path_factory.mktemp("trained")
+    assert train.main(["--config", str(REPO / "configs" / "smoke.yaml"), f"data.root={cifar_root}", f"output_dir={out}",
+                       "model.mlp_dim=64", "model.dim=32", "data.workers=0", "epochs=1", "batch_size=64",
+                       "log_every=1"]) == 0
+    return out
+
+
+def test_the_trained_checkpoint_is_trained(trained_run):
+    """The momentum encoder (what eval.py evaluates) is the EMA of a base encoder that AdamW moved: both
+    start from the same weights, so after training they differ, and the EMA lies between."""
+    state = torch.load(trained_run / "last.pt", weights_only=True)
+    assert state["step"] == 300 // 64
+    base = {k[len("base."):]: v for k, v in state["model"].items() if k.startswith("base.")}
+    momentum = {k[len("momentum."):]: v for k, v in state["model"].items() if k.startswith("momentum.")}
+    assert base.keys() == momentum.keys() and "cls_token" in momentum
+    moved = [k for k in momentum if not torch.equal(base[k], momentum[k])]
+    assert len(moved) > len(momentum) // 2, moved
+    losses = [json.loads(line)["loss"] for line in (trained_run / "log.jsonl").read_text().splitlines()
+              if "loss" in line]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_eval_cli_knn_and_export_on_a_trained_checkpoint(trained_run, tmp_path, capsys, monkeypatch):
+    weights = trained_run / "last.pt"
+    encoder, spec, _ = load_encoder(weights)
+    state = torch.load(weights, weights_only=True)["model"]
+    assert all(torch.equal(v, state[f"momentum.{k}"]) for k, v in encoder.state_dict().items())  # the trained EMA
+
+    out = tmp_path / "e.safetensors"
+    assert eval_cli.main(["export", "--weights", str(weights), "--out", str(out)]) == 0
     assert "timm.create_model('vit_tiny_patch16_224'" in capsys.readouterr().out
-    assert eval_cli.main(["knn", "--weights", str(tmp_path / "w.pt")]) == 1
-    assert "data.root is required" in capsys.readouterr().err
+    name, kwargs = spec.timm_args()
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    model.load_state_dict(load_file(out), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    encoder.eval()
+    assert torch.equal(model(x), encoder.forward_head(encoder.forward_features(x), pre_logits=True))
+
+    # kNN with the checkpoint's own config (its dataset, size and backend): features cached on the first run.
+    cache = tmp_path / "cache"
+    assert eval_cli.main(["knn", "--weights", str(weights), f"cache_dir={cache}"]) == 0
+    assert sorted(p.name for p in cache.iterdir()) == ["last-train.pt", "last-val.pt"]
+    cached = torch.load(cache / "last-val.pt", weights_only=True)
+    assert cached["features"].shape == (50, 128) and cached["labels"].tolist() == sorted(cached["labels"].tolist())
+
+    # The second run must read the cache: extracting is made impossible, and doctored cached features
+    # (every validation feature replaced by the first training feature) must change the result.
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted although they are cached")
+
+    monkeypatch.setattr(eval_cli, "extract_features", no_extraction)
+    assert eval_cli.main(["knn", "--weights", str(weights), f"cache_dir={cache}"]) == 0
+    train_cache = torch.load(cache / "last-train.pt", weights_only=True)
+    doctored = train_cache["features"][:1].expand(50, -1).clone()
+    torch.save({"features": doctored, "labels": cached["labels"]}, cache / "last-val.pt")
+    assert eval_cli.main(["knn", "--weights", str(weights), f"cache_dir={cache}"]) == 0
+    rows = [json.loads(line) for line in (trained_run / "eval_results.jsonl").read_text().splitlines()]
+    assert [r["k"] for r in rows] == [10, 20, 100, 200] * 3
+    assert all((r["protocol"], r["arch"], r["patch_size"], r["dataset"]) == ("knn", "vit_mini", 8, "cifar10")
+               for r in rows)
+    assert rows[:4] == rows[4:8]  # the cache gives back exactly what was extracted
+    # Every doctored query has the same neighbours, so one class is predicted for all 50 (5 per class).
+    expected = torch.tensor([knn_classify(train_cache["features"], train_cache["labels"], doctored, cached["labels"],
+                                          10, ks=(k,))[k][0] for k in (10, 20, 100, 200)])
+    assert [r["top1"] for r in rows[8:]] == pytest.approx(expected.tolist()) and all(r["top1"] == 10.0
+                                                                                     for r in rows[8:])
 
 
 @pytest.mark.slow
-def test_knn_similarity_and_results_file_on_real_images(cifar_folder, tmp_path):
+def test_knn_similarity_and_results_file_on_real_images(cifar_folder, tmp_path, monkeypatch):
     import convert_datasets
 
     assert convert_datasets.main(["imagefolder", "--source", str(cifar_folder), "--out", str(tmp_path),
@@ -123,7 +192,9 @@ def test_knn_similarity_and_results_file_on_real_images(cifar_folder, tmp_path):
     args = ["--weights", str(tmp_path / "released.pth"), f"data.root={tmp_path / 'cifar'}", "data.backend=memory",
             "data.image_size=32", f"cache_dir={tmp_path / 'cache'}"]
     assert eval_cli.main(["knn", *args]) == 0
-    assert eval_cli.main(["knn", *args]) == 0  # second run reads the cached features
+    with monkeypatch.context() as patch:  # the second run reads the cached features: it cannot extract any
+        patch.setattr(eval_cli, "extract_features", lambda *a, **k: pytest.fail("extracted despite the cache"))
+        assert eval_cli.main(["knn", *args]) == 0
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
     rows = [json.loads(line) for line in (tmp_path / "eval_results.jsonl").read_text().splitlines()]
     assert [r["k"] for r in rows] == [10, 20, 100, 200] * 2
@@ -133,3 +204,34 @@ def test_knn_similarity_and_results_file_on_real_images(cifar_folder, tmp_path):
     assert eval_cli.main(["similarity", "--weights", str(tmp_path / "released.pth"), "--data", str(tmp_path / "cifar"),
                           "--query", "3", "--out", str(out)]) == 0
     assert out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_export_has_the_permissions_of_a_new_file(tmp_path, umask, mode):
+    """0666 minus the umask, like any file the user creates (not the 0600 of a private temporary)."""
+    torch.save({"model": encoder_keys(create_vit("vit_mini", 32, 8), "momentum.")}, tmp_path / "w.pt")
+    previous = os.umask(umask)
+    try:
+        export_encoder(tmp_path / "w.pt", tmp_path / "e.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "e.safetensors").stat().st_mode) == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors", "w.pt"]  # no temporary left
+
+
+def test_random_projection_of_the_class_token_as_the_released_knn_script_uses():
+    """docs/evaluation.md's figures: a 1000-d Gaussian projection (the released script's random head) of
+    192-d features (ViT-T) moves cosines by ~1/sqrt(1000)·0.8 on average; with isotropic clusters whose
+    neighbours' cosines are close together, that reorders neighbours and costs kNN points."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 192, generator=gen)
+    train_labels, test_labels = torch.randint(0, 10, (5000,), generator=gen), torch.randint(0, 10, (1000,), generator=gen)
+    train = centres[train_labels] + 3.0 * torch.randn(5000, 192, generator=gen)
+    test = centres[test_labels] + 3.0 * torch.randn(1000, 192, generator=gen)
+    projection = torch.randn(192, 1000, generator=gen)
+    cosines = F.normalize(test, dim=1) @ F.normalize(train, dim=1).T
+    projected = F.normalize(test @ projection, dim=1) @ F.normalize(train @ projection, dim=1).T
+    assert (cosines - projected).abs().mean().item() == pytest.approx(0.025, abs=0.001)
+    token = knn_classify(train, train_labels, test, test_labels, 10, ks=(20,))[20][0]
+    random_head = knn_classify(train @ projection, train_labels, test @ projection, test_labels, 10, ks=(20,))[20][0]
+    assert (token, random_head) == pytest.approx((98.3, 96.6), abs=0.01)

@@ -7,20 +7,27 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
+from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from configs.schema import ConfigError, load_config
-from evaluation import finetune, linear
-from evaluation.data import ImageLoader, finetune_train_transform, repeated_indices
+from evaluation import finetune, linear, protocol
+from evaluation.data import (ImageLoader, eval_transform, finetune_train_transform, linear_train_transform,
+                             repeated_indices)
 from evaluation.finetune import build_classifier, build_optimizer, run_finetune
-from evaluation.linear import ProtocolError, run_linear
-from evaluation.protocol_config import FinetuneConfig, LinearConfig
+from evaluation.linear import run_linear
+from evaluation.protocol import ProtocolError
+from evaluation.protocol_config import FinetuneConfig, LinearConfig, base_lr
 from evaluation.weights import load_encoder
+from loaders.eval_view import to_tensor
 from loaders.sampling import epoch_indices, num_batches
 from loaders.shards import ShardSamples, open_converted
 from model.vit import create_vit
+from trainer.schedules import cosine_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "eval"
@@ -72,25 +79,65 @@ def check_result(result: dict, protocol: str, epochs: int, prefixes: tuple[str, 
 
 # ---------------------------------------------------------------------------------------------- configs
 
+# docs/method.md §7, written out: what the published evaluation code runs.
+LINEAR_LR = {"vit_tiny": 0.05, "vit_small": 0.02, "vit_base": 0.01}
+FINETUNE_LR = {"vit_tiny": 1e-3, "vit_small": 5e-4, "vit_base": 5e-4}
+LINEAR_RECIPE = dict(epochs=100, momentum=0.9, nesterov=True, weight_decay=0.0)
+FINETUNE_RECIPE = dict(epochs=100, warmup_epochs=10, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05, layer_decay=0.75,
+                       drop_path=0.1, ema_decay=0.99996, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8,
+                       cutmix=1.0, smoothing=0.1, repeated_aug=1)
+
+
 @pytest.mark.parametrize("arch,data", PUBLISHED)
 def test_published_configs_equal_the_recipe(arch, data):
     imagenet = data == "imagenet"
     size, patch, batch = (224, 16, 1024) if imagenet else (32, 2, 256)
     c = load_config(CONFIGS / f"linear_{arch}_{data}.yaml", schema=LinearConfig)
     assert (c.arch, c.patch_size, c.data.image_size, c.data.root) == (arch, patch, size, f"datasets/{data}")
-    assert (c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay) == (100, batch, 0.02, 0.9, 0.0)
+    assert {k: getattr(c, k) for k in LINEAR_RECIPE} == LINEAR_RECIPE
+    assert (c.batch_size, c.lr) == (batch, LINEAR_LR[arch])
+    optimizer = linear.build_linear_optimizer(torch.nn.Linear(4, 2), c, lr=0.1)
+    assert type(optimizer) is torch.optim.SGD
+    assert {k: optimizer.defaults[k] for k in ("momentum", "nesterov", "weight_decay")} == dict(
+        momentum=0.9, nesterov=True, weight_decay=0.0)
+
     f = load_config(CONFIGS / f"finetune_{arch}_{data}.yaml", schema=FinetuneConfig)
     assert (f.arch, f.patch_size, f.data.image_size, f.data.root) == (arch, patch, size, f"datasets/{data}")
-    assert (f.epochs, f.batch_size, f.lr, f.warmup_epochs, f.warmup_lr, f.min_lr) == (100, batch, 5e-4, 10, 1e-6, 1e-5)
-    assert (f.weight_decay, f.layer_decay, f.drop_path, f.ema_decay) == (0.05, 0.75, 0.1, 0.99996)
-    assert (f.auto_augment, f.re_prob, f.mixup, f.cutmix, f.smoothing) == ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
-    assert f.repeated_aug == 3 and f.crop_padding == (0 if imagenet else 4)
+    assert {k: getattr(f, k) for k in FINETUNE_RECIPE} == FINETUNE_RECIPE
+    assert (f.batch_size, f.lr) == (batch, FINETUNE_LR[arch])
+    model = create_vit("vit_mini", 32, 8)
+    assert type(build_optimizer(model, f, lr=1e-3)) is torch.optim.AdamW
+
+    # Transforms. Linear: random resized crop (bicubic) + flip in training, resize·256/224 + centre crop to
+    # validate. Fine-tune training: RandomCrop(32, padding 4) on CIFAR, a bicubic random resized crop on
+    # ImageNet; fine-tune validation: the stored 32-px image, only normalised, on CIFAR.
+    crop, flip = linear_train_transform(size).transforms[:2]
+    assert isinstance(crop, T.RandomResizedCrop) and crop.interpolation == T.InterpolationMode.BICUBIC
+    assert isinstance(flip, T.RandomHorizontalFlip)
+    first = finetune_train_transform(size, f.auto_augment, f.re_prob, f.crop_padding).transforms[0]
+    if imagenet:
+        assert f.crop_padding == 0 and f.eval_resize_crop is True
+        assert isinstance(first, RandomResizedCropAndInterpolation)
+    else:
+        assert isinstance(first, T.RandomCrop) and first.padding == 4 and first.size == (32, 32)
+        image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+        assert torch.equal(eval_transform(32, f.eval_resize_crop)(image), to_tensor(image))
+        assert not torch.equal(eval_transform(32)(image), to_tensor(image))  # what a resize + crop would change
 
 
 def test_schema_defaults_are_the_recipe_and_keys_are_checked():
     assert load_config(None, ["data.root=x"], schema=LinearConfig) == load_config(
         CONFIGS / "linear_vit_small_imagenet.yaml", ["data.root=x", "arch=null", "patch_size=null", "data.image_size=null",
-                                                     "output_dir=runs/eval/linear"], schema=LinearConfig)
+                                                     "lr=null", "output_dir=runs/eval/linear"], schema=LinearConfig)
+    assert load_config(None, ["data.root=x"], schema=FinetuneConfig) == load_config(
+        CONFIGS / "finetune_vit_small_imagenet.yaml", ["data.root=x", "arch=null", "patch_size=null",
+                                                       "data.image_size=null", "lr=null",
+                                                       "output_dir=runs/eval/finetune"], schema=FinetuneConfig)
+    for schema, table in ((LinearConfig, LINEAR_LR), (FinetuneConfig, FINETUNE_LR)):
+        default = load_config(None, ["data.root=x"], schema=schema)
+        assert {arch: base_lr(default, arch) for arch in table} == table  # lr=null: the published lr per arch
+        with pytest.raises(ConfigError, match="no published lr for vit_mini .*: pass lr=VALUE"):
+            base_lr(default, "vit_mini")
     with pytest.raises(ConfigError, match=r"Key 'lrr' not in 'LinearConfig'. Did you mean: 'lr'\?"):
         load_config(CONFIGS / "linear_vit_small_imagenet.yaml", ["lrr=0.1"], schema=LinearConfig)
     with pytest.raises(ConfigError, match="data.root is required"):
@@ -166,7 +213,7 @@ def test_layer_decay_groups_scale_lr_by_depth():
         assert group["lr_scale"] == pytest.approx(0.75 ** (depth + 1 - layer_id(name))), name
         no_decay = param.ndim <= 1 or name in ("cls_token", "pos_embed")
         assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
-    linear.set_lr(optimizer, 2e-3)  # the schedule's value, scaled per group
+    protocol.set_lr(optimizer, 2e-3)  # the schedule's value, scaled per group
     assert all(g["lr"] == pytest.approx(2e-3 * g["lr_scale"]) for g in optimizer.param_groups)
 
 
@@ -182,13 +229,43 @@ def test_classifier_has_the_encoder_weights_and_drop_path(weights):
 
 # ---------------------------------------------------------------------------------------- linear probe
 
-def test_linear_probe_trains_a_head_on_a_frozen_backbone(cifar_root, weights, tmp_path):
-    result = run_linear(linear_config(cifar_root, tmp_path, "epochs=2"), weights)
+def validate(classifier: torch.nn.Module, root: str, resize_crop: bool = True) -> tuple[float, float]:
+    """Top-1/top-5 of `classifier` on the 50 validation images, in this process (an independent pass)."""
+    loader = ImageLoader(ShardSamples(open_converted(root), "val"), eval_transform(32, resize_crop), batch_size=64,
+                         train=False, workers=0, device=torch.device("cpu"))
+    return protocol.evaluate(classifier, loader, bf16=False)
+
+
+def initial_parameters(module, name: str, monkeypatch) -> dict[str, torch.Tensor]:
+    """Wrap `module.name` (an optimizer builder taking the trained module first) to copy the parameters
+    it is given, i.e. the weights before the first step."""
+    original, copies = getattr(module, name), {}
+
+    def build(model, *args, **kwargs):
+        copies.update({k: v.detach().clone() for k, v in model.named_parameters()})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, build)
+    return copies
+
+
+def test_linear_probe_trains_a_head_on_a_frozen_backbone(cifar_root, weights, tmp_path, monkeypatch):
+    initial = initial_parameters(linear, "build_linear_optimizer", monkeypatch)
+    result = run_linear(linear_config(cifar_root, tmp_path, "epochs=2", "lr=0.5"), weights)
     check_result(result, "linear", 2)
     assert result["backbone_unchanged"] is True
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert set(state["modules"]) == {"head"} and state["modules"]["head"]["weight"].shape == (10, 128)
     assert [json.loads(line)["epoch"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    # Training happened: every head parameter moved, and the mean loss fell from epoch 1 to epoch 2.
+    head = state["modules"]["head"]
+    assert initial.keys() == head.keys() and all(not torch.equal(initial[k], head[k]) for k in head)
+    assert result["history"][1]["loss"] < result["history"][0]["loss"]
+    # The reported accuracy is the saved head's, on the whole validation split.
+    encoder, _, _ = load_encoder(weights)
+    trained = torch.nn.Linear(128, 10)
+    trained.load_state_dict(head)
+    assert validate(linear.LinearProbe(encoder, trained, bf16=False), cifar_root) == (result["top1"], result["top5"])
 
 
 def test_linear_probe_detects_a_changed_backbone(cifar_root, weights, tmp_path, monkeypatch):
@@ -245,11 +322,21 @@ def test_config_must_match_the_weights(cifar_root, weights, tmp_path):
 
 # ------------------------------------------------------------------------------------------ fine-tuning
 
-def test_finetune_reports_model_and_ema(cifar_root, weights, tmp_path):
-    result = run_finetune(finetune_config(cifar_root, tmp_path, "epochs=1"), weights)
+def test_finetune_reports_model_and_ema(cifar_root, weights, tmp_path, monkeypatch):
+    initial = initial_parameters(finetune, "build_optimizer", monkeypatch)
+    result = run_finetune(finetune_config(cifar_root, tmp_path, "epochs=1", "lr=2e-3"), weights)
     check_result(result, "finetune", 1, prefixes=("", "ema_"))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert set(state["modules"]) == {"model", "ema"} and state["modules"]["model"]["head.weight"].shape == (10, 128)
+    # Training happened: the encoder's blocks and the new head moved (the classifier starts as the encoder).
+    model = state["modules"]["model"]
+    moved = [k for k in initial if not torch.equal(initial[k], model[k])]
+    assert "head.weight" in moved and any(k.startswith("blocks.3.") for k in moved) and len(moved) > len(initial) // 2
+    # The reported top1 is the model's (not the EMA's), validated on the stored 32-px images.
+    encoder, spec, _ = load_encoder(weights)
+    classifier = build_classifier(encoder, spec, 10, drop_path=0.1)
+    classifier.load_state_dict(model)
+    assert validate(classifier, cifar_root, resize_crop=False) == (result["top1"], result["top5"])
 
 
 @pytest.mark.slow
@@ -267,12 +354,22 @@ def test_finetune_resumes_exactly(cifar_root, weights, tmp_path, monkeypatch):
 DDP_SCRIPT = """
 import json, os, sys
 from pathlib import Path
+import torch
 from configs.schema import load_config
-from evaluation.finetune import run_finetune
-from evaluation.linear import run_linear
+from evaluation import finetune, linear
 from evaluation.protocol_config import FinetuneConfig, LinearConfig
 protocol, config_dir, root, out, weights = sys.argv[1:6]
-schema, run = {"linear": (LinearConfig, run_linear), "finetune": (FinetuneConfig, run_finetune)}[protocol]
+module = {"linear": linear, "finetune": finetune}[protocol]
+original_fit = module.fit
+
+def fit(run):  # also save this rank's trained modules
+    history = original_fit(run)
+    torch.save({name: m.state_dict() for name, m in run.modules.items()}, Path(out, f"modules-{os.environ['RANK']}.pt"))
+    return history
+
+module.fit = fit
+schema = {"linear": LinearConfig, "finetune": FinetuneConfig}[protocol]
+run = {"linear": linear.run_linear, "finetune": finetune.run_finetune}[protocol]
 overrides = [f"data.root={root}", f"output_dir={out}", "arch=vit_mini", "patch_size=8", "data.image_size=32",
              "data.workers=0", "batch_size=64", "epochs=1", *(["warmup_epochs=1"] if protocol == "finetune" else [])]
 result = run(load_config(f"{config_dir}/{protocol}_vit_tiny_cifar10.yaml", overrides, schema=schema), weights)
@@ -284,16 +381,86 @@ Path(out, f"result-{os.environ['RANK']}.json").write_text(json.dumps({k: v for k
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol,port", [("linear", 29517), ("finetune", 29518)])
 def test_protocols_under_torchrun_ddp(protocol, port, cifar_root, weights, tmp_path):
-    """One protocol per torchrun job, as eval.py runs them: DDP over gloo, every rank the same result."""
+    """One protocol per torchrun job, as eval.py runs them: DDP over gloo. Beyond identical all-reduced
+    accuracies: the two replicas stay identical (DDP averaged their gradients) and are what last.pt
+    holds, the fine-tuned encoder moved, and the reported accuracy is the saved classifier's on every
+    validation image, recomputed here in one process (the ranks' shards together cover the split once)."""
     script = tmp_path / "ddp_eval.py"
     script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(script), protocol, str(CONFIGS), cifar_root, str(tmp_path / "out"), weights]
+               str(script), protocol, str(CONFIGS), cifar_root, str(out), weights]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
-    per_rank = [json.loads((tmp_path / "out" / f"result-{rank}.json").read_text()) for rank in range(2)]
-    assert len(per_rank) == 2 and per_rank[0] == per_rank[1]  # all-reduced accuracies: identical on every rank
+    per_rank = [json.loads((out / f"result-{rank}.json").read_text()) for rank in range(2)]
+    assert per_rank[0] == per_rank[1]  # all-reduced accuracies: identical on every rank
     assert per_rank[0]["protocol"] == protocol and per_rank[0]["epochs"] == 1
-    assert all(0 <= per_rank[0][k] <= 100 for k in ("top1", "top5"))
-    assert (tmp_path / "out" / "last.pt").is_file()
+    assert (out / "last.pt").is_file()
+
+    modules = [torch.load(out / f"modules-{rank}.pt", weights_only=True) for rank in range(2)]
+    name = "head" if protocol == "linear" else "model"
+    replicas = [m[name] for m in modules]
+    assert replicas[0].keys() == replicas[1].keys()
+    assert all(torch.equal(replicas[0][k], replicas[1][k]) for k in replicas[0])  # in sync after 2 steps
+    saved = torch.load(out / "last.pt", weights_only=True)["modules"][name]
+    assert all(torch.equal(saved[k], v) for k, v in replicas[0].items())
+    encoder, spec, _ = load_encoder(weights)
+    if protocol == "linear":
+        head = torch.nn.Linear(128, 10)
+        head.load_state_dict(replicas[0])
+        classifier, resize_crop = linear.LinearProbe(encoder, head, bf16=False), True
+    else:
+        qkv = "blocks.0.attn.qkv.weight"
+        assert not torch.equal(replicas[0][qkv], encoder.state_dict()[qkv])  # the encoder was fine-tuned
+        classifier, resize_crop = build_classifier(encoder, spec, 10, drop_path=0.1), False
+        classifier.load_state_dict(replicas[0])
+    assert validate(classifier, cifar_root, resize_crop) == (per_rank[0]["top1"], per_rank[0]["top5"])
+
+
+# ----------------------------------------------------------------------------- per-iteration cosine
+
+def per_epoch_cosine(lr: float, epochs: int, steps_per_epoch: int) -> np.ndarray:
+    """The released linear probe's schedule: `lr·½(1 + cos(π·epoch/epochs))`, set at each epoch's start."""
+    return np.repeat(lr * 0.5 * (1 + np.cos(np.pi * np.arange(epochs) / epochs)), steps_per_epoch)
+
+
+def probe_on_clusters(schedule: np.ndarray, steps_per_epoch: int) -> tuple[float, float]:
+    """A linear probe (Nesterov SGD, the protocol's optimiser) on fixed noisy Gaussian clusters: 20
+    classes in 32-d, 2,000 train and 2,000 test points, batch 100. Returns (test top-1 %, test loss)."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(20, 32, generator=gen)
+    train_labels, test_labels = torch.randint(0, 20, (2, 2000), generator=gen)
+    train = centres[train_labels] + 2.0 * torch.randn(2000, 32, generator=gen)
+    test = centres[test_labels] + 2.0 * torch.randn(2000, 32, generator=gen)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 20)
+    config = load_config(None, ["data.root=x"], schema=LinearConfig)
+    optimizer = linear.build_linear_optimizer(head, config, lr=float(schedule[0]))
+    for step, lr in enumerate(schedule):
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(2000, generator=torch.Generator().manual_seed(epoch))
+        batch = order[i * 100:(i + 1) * 100]
+        protocol.set_lr(optimizer, float(lr))
+        loss = torch.nn.functional.cross_entropy(head(train[batch]), train_labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        logits = head(test)
+        return (100 * (logits.argmax(1) == test_labels).float().mean().item(),
+                torch.nn.functional.cross_entropy(logits, test_labels).item())
+
+
+def test_per_iteration_cosine_matches_the_released_per_epoch_one():
+    """We step the cosine every iteration; the released code steps it every epoch. Same problem, same
+    batches, both schedules: the final lr differs by less than 0.03 % of the peak and the accuracy by
+    less than 0.5 point (docs/evaluation.md gives the figures)."""
+    epochs, steps, peak = 100, 20, 0.05 * 100 / 256
+    iteration = cosine_schedule(peak, 0.0, epochs, steps)
+    epoch = per_epoch_cosine(peak, epochs, steps)
+    assert len(iteration) == len(epoch) == epochs * steps
+    assert iteration[0] == epoch[0] == peak and iteration[-1] < epoch[-1] < 3e-4 * peak
+    assert np.abs(iteration - epoch).max() <= peak * np.pi / (2 * epochs)  # at most one epoch's step apart
+    (acc_iteration, loss_iteration), (acc_epoch, loss_epoch) = (probe_on_clusters(s, steps) for s in (iteration, epoch))
+    assert abs(acc_iteration - acc_epoch) < 0.5 and abs(loss_iteration - loss_epoch) < 0.01

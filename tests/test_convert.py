@@ -87,11 +87,13 @@ def small_image(path: Path, colour: int = 0) -> None:
 
 
 @pytest.fixture(scope="module")
-def cifar_converted(cifar_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> ConvertedDataset:
-    out = tmp_path_factory.mktemp("out")
-    convert("imagefolder", "--source", cifar_folder, "--out", out, "--name", "cifar-folder", "--workers", 2,
-            "--shard-size", 64, "--verify")
-    return open_dataset(out, "cifar-folder")
+def cifar_converted(converted: Callable[..., Path]) -> ConvertedDataset:
+    """The session's `cifar_folder` conversion (shards of 64), checked once more by a rerun with --verify."""
+    root = converted("cifar", shard_size=64)
+    dataset = open_dataset(root.parent, root.name)
+    convert("imagefolder", "--source", dataset.manifest["options"]["source"], "--out", root.parent, "--name",
+            root.name, "--shard-size", 64, "--verify")
+    return dataset
 
 
 def folder_samples(root: Path, split_dir: str) -> list[tuple[Path, int]]:
@@ -103,7 +105,7 @@ def folder_samples(root: Path, split_dir: str) -> list[tuple[Path, int]]:
 def test_cifar_folder_manifest(cifar_converted: ConvertedDataset, cifar_folder: Path) -> None:
     manifest = cifar_converted.manifest
     classes = sorted(p.name for p in (cifar_folder / "train").iterdir())
-    assert manifest["name"] == "cifar-folder" and manifest["classes"] == classes
+    assert manifest["name"] == cifar_converted.layout.root.name and manifest["classes"] == classes
     assert set(manifest["splits"]) == {"train", "val"}  # test/ becomes val
     for split, per_class in (("train", 30), ("val", 5)):
         entry = manifest["splits"][split]
@@ -112,7 +114,10 @@ def test_cifar_folder_manifest(cifar_converted: ConvertedDataset, cifar_folder: 
     assert len(manifest["splits"]["train"]["dali"]) == 5  # 300 images in shards of 64
     assert manifest["options"]["formats"] == ["ffcv", "dali"] and manifest["options"]["jpeg_quality"] == 90
     assert manifest["formats"]["ffcv"]["fields"] == {"image": "RGBImageField", "label": "IntField"}
-    assert not cifar_converted.layout.partial.exists()
+    root = cifar_converted.layout.root
+    assert manifest["sha256"] == {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                                  for p in cifar_converted.files()}
+    assert sorted(p.name for p in cifar_converted.layout.root.iterdir()) == ["dali", "ffcv", "manifest.json"]
     assert not list(cifar_converted.layout.root.rglob("*.tmp"))
 
 
@@ -414,9 +419,8 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(sample_folder: Path, tmp_pat
 # In-memory sources: digits and the official CIFAR releases (small images: exact pixels)
 
 
-def test_digits_split_labels_and_pixels(tmp_path: Path) -> None:
-    convert("digits", "--out", tmp_path, "--workers", 2)
-    dataset = open_dataset(tmp_path, "digits")
+def test_digits_split_labels_and_pixels(converted: Callable[..., Path]) -> None:
+    dataset = open_dataset(converted("digits").parent, "digits")
     assert dataset.classes == [str(d) for d in range(10)]
     assert (dataset.count("train"), dataset.count("val")) == (1437, 360)
     assert all(35 <= n <= 37 for n in dataset.manifest["splits"]["val"]["per_class"].values())  # stratified
@@ -428,6 +432,11 @@ def test_digits_split_labels_and_pixels(tmp_path: Path) -> None:
             assert sample.pixels.shape == (32, 32, 3)
             np.testing.assert_array_equal(ffcv_images[i], sample.pixels)
             np.testing.assert_array_equal(dali_images[i], sample.pixels)
+
+
+def test_output_does_not_depend_on_the_number_of_workers(converted: Callable[..., Path], tmp_path: Path) -> None:
+    convert("digits", "--out", tmp_path, "--workers", 1)
+    assert file_hashes(tmp_path / "digits") == file_hashes(converted("digits"))
 
 
 def write_fake_cifar(root: Path, kind: str) -> tuple[list[str], dict[str, tuple[np.ndarray, list[str]]]]:

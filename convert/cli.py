@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConvertError, DatasetNotFoundError) as error:
         return report(str(error))
     except OSError as error:  # the machine's: a full or read-only disk, a file that cannot be read
-        where = f": {error.filename}" if error.filename else ""
-        return report(f"{error.strerror or error}{where}. What was finished is kept: fix this and run the same "
+        where = error.filename or f"while writing {args.out / args.name}"
+        return report(f"{error.strerror or error}: {where}. What was finished is kept: fix this and run the same "
                       f"command again to resume")
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)

@@ -88,7 +88,7 @@ def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
             name = "cifar10" if kind == "cifar" else kind
             argv = [command, "--out", str(out), "--name", name, "--workers", "2"]
             argv += ["--source", str(request.getfixturevalue(source_fixture))] if source_fixture else []
-            argv += [item for option, value in options.items() for item in (f"--{option.replace('_', '-')}", str(value))]
+            argv += [arg for option, value in options.items() for arg in (f"--{option.replace('_', '-')}", str(value))]
             assert main(argv) == 0, f"conversion failed: {argv}"
             made[key] = out / name
         return made[key]

@@ -12,6 +12,7 @@ from convert import ConvertError
 from convert.lock import exclusive
 from convert.pipeline import CONVERTER_VERSION, check_existing, convert
 from convert.sources import Source, read_source
+from convert.sources.cifar import CIFAR_RELEASES
 from convert.verify import verify
 from loaders.manifest import FORMATS, SPLITS, DatasetNotFoundError, Layout, open_dataset
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, parents=[common], help=text, description=text)
         if name != "digits":
             command.add_argument("--source", type=Path, required=True, help="folder holding the dataset")
-        if name.startswith("cifar"):
+        if name in CIFAR_RELEASES:
             command.add_argument("--download", action="store_true",
                                  help="fetch the release into --source with torchvision if it is not there")
     return parser

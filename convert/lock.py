@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from pathlib import Path
 from typing import Iterator
 
 from convert import ConvertError

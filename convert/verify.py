@@ -225,10 +225,15 @@ def verify(dataset: ConvertedDataset, source: Source, workers: int) -> None:
         skipped = {s["path"] for s in dataset.split(split)["skipped"]}
         kept = [s for s in source.splits[split] if s.name not in skipped]
         picks = sorted(set(np.linspace(0, len(kept) - 1, min(VERIFY_SAMPLES, len(kept))).round().astype(int)))
-        expected = {i: expected_pixels(kept[i], source.root, options) for i in picks}
+        expected = {}
+        for i in picks:
+            try:
+                expected[i] = expected_pixels(kept[i], source.root, options)
+            except Exception as error:  # PIL raises many types for corrupt data
+                problems.append(f"source sample {kept[i].name} cannot be decoded any more ({error})")
+        picks = sorted(expected)
         for fmt in options["formats"]:
-            files = [dataset.ffcv_file(split)] if fmt == "ffcv" else map(Path, sum(dataset.dali_files(split), []))
-            if any(path in damaged for path in files):
+            if any(path in damaged for path in dataset.format_files(split, fmt)):
                 continue  # reported above; its reader could fail in any way
             problems += check_format(dataset, fmt, split, kept, picks, expected, workers)
     if problems:

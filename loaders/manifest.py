@@ -167,6 +167,13 @@ class ConvertedDataset:
         return ([str(self.layout.root / s["tar"]) for s in shards],
                 [str(self.layout.root / s["index"]) for s in shards])
 
+    def format_files(self, split: str, fmt: str) -> list[Path]:
+        """The files of one split in one format: the .beton, or the shards and their index files."""
+        if fmt == "ffcv":
+            return [self.ffcv_file(split)]
+        tars, indexes = self.dali_files(split)
+        return [Path(path) for path in (*tars, *indexes)]
+
     def files(self) -> list[Path]:
         """Every data file the manifest lists, in all splits and formats (the keys of its `sha256`)."""
         names = []

@@ -9,13 +9,11 @@ from convert.sources.digits import read_digits
 from convert.sources.folder import read_imagefolder
 from convert.sources.imagenet import read_imagenet
 
-DATASETS = ("imagenet", *CIFAR_RELEASES, "imagefolder", "digits")
-
-__all__ = ["DATASETS", "Sample", "Source", "read_source"]
+__all__ = ["Sample", "Source", "read_source"]
 
 
 def read_source(dataset: str, source: Path | None, download: bool = False) -> Source:
-    """The samples of `dataset` (one of DATASETS) found in the folder `source` (None for digits)."""
+    """The samples of `dataset` (a subcommand of convert_datasets.py) found in the folder `source` (None for digits)."""
     if dataset == "digits":
         return read_digits()
     if dataset in CIFAR_RELEASES:

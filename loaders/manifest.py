@@ -40,7 +40,6 @@ _COMMANDS = {
 _FOLDER_COMMAND = "python convert_datasets.py imagefolder --source /path/to/folder --out {out} --name {name}"
 
 
-
 class IndexEntry(NamedTuple):
     """One component (image or label) of a sample in a DALI index file; a sample is a list of them."""
 

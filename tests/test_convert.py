@@ -318,6 +318,17 @@ def test_imagenet_flat_val_with_the_image_net_devkit(imagenet_sample: Path, tmp_
                                                 for stem, wnid in sorted(expected["val"].items())]
 
 
+def test_imagenet_kaggle_layout(imagenet_sample: Path, tmp_path: Path) -> None:
+    """Kaggle's download: ILSVRC/Data/CLS-LOC/{train,val} with LOC_val_solution.csv at the top."""
+    expected = build_ilsvrc(imagenet_sample, tmp_path / "ILSVRC" / "Data" / "CLS-LOC", "flat")
+    (tmp_path / "ILSVRC" / "Data" / "CLS-LOC" / "LOC_val_solution.csv").rename(tmp_path / "LOC_val_solution.csv")
+    source = read_imagenet(tmp_path)
+    assert source.classes == expected["wnids"]
+    assert source.root == tmp_path / "ILSVRC" / "Data" / "CLS-LOC"
+    assert [(s.name, s.label) for s in source.splits["val"]] == [(f"val/{stem}.JPEG", expected["wnids"].index(wnid))
+                                                                 for stem, wnid in sorted(expected["val"].items())]
+
+
 # --------------------------------------------------------------------------------------------------
 # Interrupted runs
 

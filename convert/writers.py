@@ -113,16 +113,15 @@ class EncodedImage:
 
 
 def write_beton(path: Path, shards: list[tuple[Path, Path]], count: int) -> None:
-    """Pack the shards' samples, in order, into an FFCV .beton with fields `image` and `label`.
+    """Pack the samples of `shards` (tar, index; at least one), in order, into an FFCV .beton with fields `image` and `label`.
     Uses FFCV's own writer pieces, but in this process, so the file is written in one deterministic pass
     from bytes already encoded (FFCV's DatasetWriter would re-encode in subprocesses)."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter, handle_sample
 
-    samples = ShardSamples.of_files(*zip(*shards)) if shards else None
-    largest = max((part.size for entries in (samples.entries if samples else []) for sample in entries
-                   for part in sample), default=1)
+    samples = ShardSamples.of_files(*zip(*shards))
+    largest = max(part.size for entries in samples.entries for sample in entries for part in sample)
     page_size = max(4 * MIN_PAGE_SIZE, 1 << (largest - 1).bit_length())  # FFCV's default, or what fits
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -59,7 +59,7 @@ def pil_loop(files: list[Path], max_resolution: int, jpeg_quality: int) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import convert_datasets
+    from convert.cli import main as convert_main
 
     if not args.data.is_file():
         sys.exit(f"{args.data} not found: pass --data (see shared/data/README.md)")
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
         def convert() -> None:
             shutil.rmtree(out, ignore_errors=True)
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                status = convert_datasets.main(argv)
+                status = convert_main(argv)
             if status != 0:
                 raise RuntimeError(f"convert_datasets.py {' '.join(argv)} failed")
 

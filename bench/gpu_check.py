@@ -133,7 +133,7 @@ def check_step_syncs(device: str, steps: int = 20) -> dict:
 
 def tiny_dataset(root: Path, count: int) -> Path:
     """Random 32×32 images as an image folder, converted (DALI shards only: no FFCV needed)."""
-    import convert_datasets
+    from convert.cli import main as convert_main
 
     rng = np.random.default_rng(0)
     for split, n in (("train", count), ("val", count // 8)):
@@ -141,8 +141,8 @@ def tiny_dataset(root: Path, count: int) -> Path:
             path = root / "source" / split / f"class{i % 10}" / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
-    if convert_datasets.main(["imagefolder", "--source", str(root / "source"), "--out", str(root), "--name", "tiny",
-                              "--formats", "dali", "--workers", "4"]) != 0:
+    if convert_main(["imagefolder", "--source", str(root / "source"), "--out", str(root), "--name", "tiny",
+                     "--formats", "dali", "--workers", "4"]) != 0:
         raise AssertionError("conversion failed")
     return root / "tiny"
 

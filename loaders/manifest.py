@@ -1,21 +1,24 @@
 """Where a converted dataset's files live, and reading its manifest.json.
 
-`convert_datasets.py` writes, under OUT/NAME:
+`convert_datasets.py` (the `convert` package) writes, under OUT/NAME:
 
-    manifest.json                          written last: present only when the conversion finished
+    manifest.json                          written last: present only when the conversion finished;
+                                           lists every file below with its SHA-256
     ffcv/{train,val}.beton                 fields `image` (RGBImageField) and `label` (IntField)
     dali/{train,val}/shard-NNNNN.tar       WebDataset shards: <key>.jpg or <key>.png, and <key>.cls
     dali/{train,val}/shard-NNNNN.idx       their index files for DALI's fn.readers.webdataset
 
-Loaders call `open_dataset(out, name)`; the converter uses `Layout` and the index-file helpers, so both
-sides agree on every path and on the DALI index format.
+Loaders call `open_dataset(out, name)`; the converter uses `Layout`, `write_json` and the index-file
+helpers, so both sides agree on every path and on the DALI index format.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from atomic_write import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -36,8 +39,19 @@ _COMMANDS = {
 }
 _FOLDER_COMMAND = "python convert_datasets.py imagefolder --source /path/to/folder --out {out} --name {name}"
 
-# One sample in a DALI index file: (extension, data offset, size, member name) per component.
-IndexEntry = list[tuple[str, int, int, str]]
+
+class IndexEntry(NamedTuple):
+    """One component (image or label) of a sample in a DALI index file; a sample is a list of them."""
+
+    ext: str
+    offset: int  # of the data in the tar file (past the member's header)
+    size: int
+    name: str  # the tar member: <key>.<ext>
+
+    @property
+    def key(self) -> str:
+        """The sample's key: the member name without its extension."""
+        return self.name.split(".", 1)[0]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -53,6 +67,11 @@ class Layout:
     @property
     def manifest(self) -> Path:
         return self.root / MANIFEST_NAME
+
+    @property
+    def lock(self) -> Path:
+        """Held (flock) by the conversion writing into `root`; holds its process id."""
+        return self.root / ".lock"
 
     @property
     def partial(self) -> Path:
@@ -72,7 +91,13 @@ class Layout:
         return stem.with_suffix(".tar"), stem.with_suffix(".idx")
 
 
-def format_wds_index(samples: list[IndexEntry]) -> str:
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON, atomically (the manifest, the converter's progress records)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def format_wds_index(samples: list[list[IndexEntry]]) -> str:
     """The text of a DALI WebDataset index file: a `v1.2 <count>` header, then one line per sample
     listing `ext offset size name` for each of its components (offsets point at the data, past the header)."""
     lines = [f"{WDS_INDEX_VERSION} {len(samples)}"]
@@ -80,7 +105,7 @@ def format_wds_index(samples: list[IndexEntry]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_wds_index(text: str) -> list[IndexEntry]:
+def parse_wds_index(text: str) -> list[list[IndexEntry]]:
     """Parse what `format_wds_index` writes; ValueError if the text is not a complete v1.2 index."""
     header, *lines = text.splitlines()
     version, count = header.split()
@@ -91,7 +116,7 @@ def parse_wds_index(text: str) -> list[IndexEntry]:
         fields = line.split()
         if not fields or len(fields) % 4:
             raise ValueError(f"malformed index line: {line!r}")
-        samples.append([(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+        samples.append([IndexEntry(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
                         for i in range(0, len(fields), 4)])
     return samples
 
@@ -113,13 +138,18 @@ class ConvertedDataset:
         """Class names in label order."""
         return self.manifest["classes"]
 
+    def split(self, split: str) -> dict[str, Any]:
+        """The manifest's entry for `split`; DatasetNotFoundError naming the splits there are if it has none."""
+        if split not in self.manifest["splits"]:
+            raise DatasetNotFoundError(f"{self.layout.root} has no split {split!r}; its splits are "
+                                       f"{', '.join(self.manifest['splits'])}")
+        return self.manifest["splits"][split]
+
     def count(self, split: str) -> int:
-        return self.manifest["splits"][split]["count"]
+        return self.split(split)["count"]
 
     def _split_format(self, split: str, fmt: str) -> Any:
-        if split not in self.manifest["splits"]:
-            raise KeyError(f"no split {split!r}; this dataset has {', '.join(self.manifest['splits'])}")
-        entry = self.manifest["splits"][split][fmt]
+        entry = self.split(split)[fmt]
         if entry is None:
             raise DatasetNotFoundError(
                 f"{self.layout.root} was converted without the {fmt} format; re-run convert_datasets.py "
@@ -136,8 +166,15 @@ class ConvertedDataset:
         return ([str(self.layout.root / s["tar"]) for s in shards],
                 [str(self.layout.root / s["index"]) for s in shards])
 
+    def format_files(self, split: str, fmt: str) -> list[Path]:
+        """The files of one split in one format: the .beton, or the shards and their index files."""
+        if fmt == "ffcv":
+            return [self.ffcv_file(split)]
+        tars, indexes = self.dali_files(split)
+        return [Path(path) for path in (*tars, *indexes)]
+
     def files(self) -> list[Path]:
-        """Every data file the manifest lists, in all splits and formats."""
+        """Every data file the manifest lists, in all splits and formats (the keys of its `sha256`)."""
         names = []
         for entry in self.manifest["splits"].values():
             names += [entry["ffcv"]] if entry["ffcv"] else []
@@ -158,7 +195,11 @@ def open_dataset(out: Path | str, name: str) -> ConvertedDataset:
                  if layout.partial.exists() else "create it with:")
         raise DatasetNotFoundError(
             f"dataset {name!r} not found: {layout.manifest} does not exist; {state} {convert_command(out, name)}")
-    manifest = json.loads(layout.manifest.read_text())
+    try:
+        manifest = json.loads(layout.manifest.read_text())
+    except ValueError as error:  # also UnicodeDecodeError
+        raise DatasetNotFoundError(f"{layout.manifest} is damaged ({error}); convert it again with --overwrite: "
+                                   f"{convert_command(out, name)}") from error
     if manifest.get("manifest_version") != MANIFEST_VERSION:
         raise DatasetNotFoundError(
             f"{layout.manifest} has manifest version {manifest.get('manifest_version')}, this code reads "

@@ -4,10 +4,13 @@ The torchvision and memory backends read the encoded images from here (they need
 nor DALI installed); sample `i` is the `i`-th sample of the shards in order, the same order as
 the split's `.beton` file and the manifest's counts.
 """
+from __future__ import annotations
+
 import bisect
 import io
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -31,11 +34,21 @@ class ShardSamples:
     """
 
     def __init__(self, dataset: ConvertedDataset, split: str) -> None:
-        tars, indexes = dataset.dali_files(split)
-        self.tars = tars
+        self._files: dict[int, int] = {}  # first: __del__ runs even when the lines below raise
+        self._open(*dataset.dali_files(split))
+
+    @classmethod
+    def of_files(cls, tars: Sequence[str | Path], indexes: Sequence[str | Path]) -> ShardSamples:
+        """The samples of these shards (tar files and their index files, in order), without a manifest."""
+        samples = cls.__new__(cls)
+        samples._files = {}
+        samples._open(tars, indexes)
+        return samples
+
+    def _open(self, tars: Sequence[str | Path], indexes: Sequence[str | Path]) -> None:
+        self.tars = [str(tar) for tar in tars]
         self.entries = [parse_wds_index(Path(index).read_text()) for index in indexes]
         self.starts = np.cumsum([0] + [len(e) for e in self.entries]).tolist()
-        self._files: dict[int, int] = {}
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -55,13 +68,18 @@ class ShardSamples:
 
     def read(self, i: int) -> tuple[bytes, int]:
         """The encoded image and the integer label of sample `i`."""
+        _, data, label = self.read_with_ext(i)
+        return data, label
+
+    def read_with_ext(self, i: int) -> tuple[str, bytes, int]:
+        """The image's extension (`jpg` or `png`), the encoded image and the integer label of sample `i`."""
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for a split of {len(self)}")
         shard = bisect.bisect_right(self.starts, i) - 1
-        parts = {ext: (offset, size) for ext, offset, size, _ in self.entries[shard][i - self.starts[shard]]}
+        parts = {part.ext: (part.offset, part.size) for part in self.entries[shard][i - self.starts[shard]]}
         image_ext = next(ext for ext in IMAGE_EXTS if ext in parts)
         label = int(self._component(shard, *parts[LABEL_EXT]).decode())
-        return self._component(shard, *parts[image_ext]), label
+        return image_ext, self._component(shard, *parts[image_ext]), label
 
     def decode(self, i: int) -> tuple[Image.Image, int]:
         """Sample `i` as an RGB PIL image and its label."""

@@ -1,5 +1,6 @@
 """Shared test fixtures: the real images in ../shared/data (tests that need them are skipped, with the
-reason, when the folder is absent) and small extracted subsets of them, made once per session."""
+reason, when the folder is absent), small extracted subsets of them, and their conversions, each made
+once per session (`converted`)."""
 from __future__ import annotations
 
 import tarfile
@@ -65,15 +66,40 @@ def imagenet_sample(imagenet_tar: Path, tmp_path_factory: pytest.TempPathFactory
     return root
 
 
-@pytest.fixture(scope="session")
-def cifar_root(cifar_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """`cifar_folder` converted once to both formats (read-only by convention): DIR/cifar10."""
-    import convert_datasets
+# What `converted` converts: the subcommand and, per kind, the session fixture holding its source folder.
+CONVERTIBLE = {"cifar": ("imagefolder", "cifar_folder"), "digits": ("digits", None)}
 
-    out = tmp_path_factory.mktemp("converted")
-    assert convert_datasets.main(["imagefolder", "--source", str(cifar_folder), "--out", str(out), "--name", "cifar10",
-                                  "--workers", "1"]) == 0
-    return str(out / "cifar10")
+
+@pytest.fixture(scope="session")
+def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """A factory: `converted(kind, **options)` is OUT/NAME of `kind` ("cifar": `cifar_folder` as an image
+    folder, NAME cifar10; "digits") converted with these command-line options (`shard_size=64` is
+    `--shard-size 64`), once per session for each kind and options; the output does not depend on
+    --workers, so every conversion uses 2. Read-only by convention: copy it to change it."""
+    from convert.cli import main
+
+    made: dict[tuple, Path] = {}
+
+    def convert(kind: str, **options: object) -> Path:
+        key = (kind, tuple(sorted(options.items())))
+        if key not in made:
+            command, source_fixture = CONVERTIBLE[kind]
+            out = tmp_path_factory.mktemp(f"converted-{kind}")
+            name = "cifar10" if kind == "cifar" else kind
+            argv = [command, "--out", str(out), "--name", name, "--workers", "2"]
+            argv += ["--source", str(request.getfixturevalue(source_fixture))] if source_fixture else []
+            argv += [arg for option, value in options.items() for arg in (f"--{option.replace('_', '-')}", str(value))]
+            assert main(argv) == 0, f"conversion failed: {argv}"
+            made[key] = out / name
+        return made[key]
+
+    return convert
+
+
+@pytest.fixture(scope="session")
+def cifar_root(converted: Callable[..., Path]) -> str:
+    """`cifar_folder` converted to both formats in shards of 64 (read-only by convention): DIR/cifar10."""
+    return str(converted("cifar", shard_size=64))
 
 
 @pytest.fixture(scope="session")

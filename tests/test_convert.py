@@ -23,9 +23,13 @@ import pytest
 from PIL import Image
 
 import convert_datasets
-from convert_datasets import atomic_output, read_dali, read_digits, read_ffcv, read_imagenet, shard_samples
-from loaders.manifest import (ConvertedDataset, DatasetNotFoundError, Layout, format_wds_index, open_dataset,
-                              parse_wds_index)
+from convert.sources.cifar import CIFAR_RELEASES
+from convert.sources.digits import read_digits
+from convert.sources.imagenet import read_imagenet
+from convert.verify import read_dali, read_ffcv
+from loaders.manifest import (ConvertedDataset, DatasetNotFoundError, IndexEntry, Layout, format_wds_index,
+                              open_dataset, parse_wds_index, write_json)
+from loaders.shards import ShardSamples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,11 +87,13 @@ def small_image(path: Path, colour: int = 0) -> None:
 
 
 @pytest.fixture(scope="module")
-def cifar_converted(cifar_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> ConvertedDataset:
-    out = tmp_path_factory.mktemp("out")
-    convert("imagefolder", "--source", cifar_folder, "--out", out, "--name", "cifar-folder", "--workers", 2,
-            "--shard-size", 64, "--verify")
-    return open_dataset(out, "cifar-folder")
+def cifar_converted(converted: Callable[..., Path]) -> ConvertedDataset:
+    """The session's `cifar_folder` conversion (shards of 64), checked once more by a rerun with --verify."""
+    root = converted("cifar", shard_size=64)
+    dataset = open_dataset(root.parent, root.name)
+    convert("imagefolder", "--source", dataset.manifest["options"]["source"], "--out", root.parent, "--name",
+            root.name, "--shard-size", 64, "--verify")
+    return dataset
 
 
 def folder_samples(root: Path, split_dir: str) -> list[tuple[Path, int]]:
@@ -99,7 +105,7 @@ def folder_samples(root: Path, split_dir: str) -> list[tuple[Path, int]]:
 def test_cifar_folder_manifest(cifar_converted: ConvertedDataset, cifar_folder: Path) -> None:
     manifest = cifar_converted.manifest
     classes = sorted(p.name for p in (cifar_folder / "train").iterdir())
-    assert manifest["name"] == "cifar-folder" and manifest["classes"] == classes
+    assert manifest["name"] == cifar_converted.layout.root.name and manifest["classes"] == classes
     assert set(manifest["splits"]) == {"train", "val"}  # test/ becomes val
     for split, per_class in (("train", 30), ("val", 5)):
         entry = manifest["splits"][split]
@@ -108,7 +114,10 @@ def test_cifar_folder_manifest(cifar_converted: ConvertedDataset, cifar_folder: 
     assert len(manifest["splits"]["train"]["dali"]) == 5  # 300 images in shards of 64
     assert manifest["options"]["formats"] == ["ffcv", "dali"] and manifest["options"]["jpeg_quality"] == 90
     assert manifest["formats"]["ffcv"]["fields"] == {"image": "RGBImageField", "label": "IntField"}
-    assert not cifar_converted.layout.partial.exists()
+    root = cifar_converted.layout.root
+    assert manifest["sha256"] == {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                                  for p in cifar_converted.files()}
+    assert sorted(p.name for p in cifar_converted.layout.root.iterdir()) == ["dali", "ffcv", "manifest.json"]
     assert not list(cifar_converted.layout.root.rglob("*.tmp"))
 
 
@@ -247,8 +256,8 @@ def test_imagenet_counts_labels_and_skipped_files(imagenet_converted: tuple) -> 
 def test_imagenet_pixels_are_close_to_the_source_in_both_formats(imagenet_converted: tuple) -> None:
     dataset, root, expected = imagenet_converted
     _, ffcv_images, dali_images = read_both(dataset, "train")
-    tars, indices = dataset.dali_files("train")
-    stored = [payload for tar, idx in zip(tars, indices) for ext, payload, _ in shard_samples(Path(tar), Path(idx))]
+    shards = ShardSamples(dataset, "train")
+    stored = [shards.read(i)[0] for i in range(len(shards))]
     special = expected["special"]
     kept = sorted(p for p in (root / "train").glob("*/*") if p not in (special["truncated.JPEG"], special["notes.txt"]))
     # The source each image came from: the converted CMYK and PNG files were made from these originals.
@@ -309,6 +318,17 @@ def test_imagenet_flat_val_with_the_image_net_devkit(imagenet_sample: Path, tmp_
                                                 for stem, wnid in sorted(expected["val"].items())]
 
 
+def test_imagenet_kaggle_layout(imagenet_sample: Path, tmp_path: Path) -> None:
+    """Kaggle's download: ILSVRC/Data/CLS-LOC/{train,val} with LOC_val_solution.csv at the top."""
+    expected = build_ilsvrc(imagenet_sample, tmp_path / "ILSVRC" / "Data" / "CLS-LOC", "flat")
+    (tmp_path / "ILSVRC" / "Data" / "CLS-LOC" / "LOC_val_solution.csv").rename(tmp_path / "LOC_val_solution.csv")
+    source = read_imagenet(tmp_path)
+    assert source.classes == expected["wnids"]
+    assert source.root == tmp_path / "ILSVRC" / "Data" / "CLS-LOC"
+    assert [(s.name, s.label) for s in source.splits["val"]] == [(f"val/{stem}.JPEG", expected["wnids"].index(wnid))
+                                                                 for stem, wnid in sorted(expected["val"].items())]
+
+
 # --------------------------------------------------------------------------------------------------
 # Interrupted runs
 
@@ -361,7 +381,7 @@ def test_killed_conversion_leaves_nothing_complete_and_resumes_to_identical_outp
     # Nothing looks complete: no manifest, no .beton; every shard with an index is intact.
     assert not list(layout.root.rglob("*.beton"))
     for idx in layout.dali_dir("train").glob("*.idx"):
-        members = [(s[0][3], s[0][1]) for s in parse_wds_index(idx.read_text())]
+        members = [(s[0].name, s[0].offset) for s in parse_wds_index(idx.read_text())]
         with tarfile.open(idx.with_suffix(".tar")) as tar:
             assert [(m.name, m.offset_data) for m in tar if not m.name.endswith(".cls")] == members
     # Damage finished shard 0; shard 1 must be checked and kept as it is.
@@ -406,25 +426,12 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(sample_folder: Path, tmp_pat
     assert set(finished) <= set(layout.dali_dir("train").glob("*.idx"))
 
 
-def test_atomic_output_leaves_no_file_when_writing_fails(tmp_path: Path) -> None:
-    target = tmp_path / "train.beton"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_output(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
-    with atomic_output(target) as tmp:
-        tmp.write_bytes(b"whole")
-    assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
-
-
 # --------------------------------------------------------------------------------------------------
 # In-memory sources: digits and the official CIFAR releases (small images: exact pixels)
 
 
-def test_digits_split_labels_and_pixels(tmp_path: Path) -> None:
-    convert("digits", "--out", tmp_path, "--workers", 2)
-    dataset = open_dataset(tmp_path, "digits")
+def test_digits_split_labels_and_pixels(converted: Callable[..., Path]) -> None:
+    dataset = open_dataset(converted("digits").parent, "digits")
     assert dataset.classes == [str(d) for d in range(10)]
     assert (dataset.count("train"), dataset.count("val")) == (1437, 360)
     assert all(35 <= n <= 37 for n in dataset.manifest["splits"]["val"]["per_class"].values())  # stratified
@@ -438,13 +445,18 @@ def test_digits_split_labels_and_pixels(tmp_path: Path) -> None:
             np.testing.assert_array_equal(dali_images[i], sample.pixels)
 
 
+def test_output_does_not_depend_on_the_number_of_workers(converted: Callable[..., Path], tmp_path: Path) -> None:
+    convert("digits", "--out", tmp_path, "--workers", 1)
+    assert file_hashes(tmp_path / "digits") == file_hashes(converted("digits"))
+
+
 def write_fake_cifar(root: Path, kind: str) -> tuple[list[str], dict[str, tuple[np.ndarray, list[str]]]]:
     """A tiny release in the official pickle format with class names in scrambled order. Returns the
     sorted class names and, per split, the images (N, 32, 32, 3) and their class names."""
     rng = np.random.default_rng(0)
     n_classes = 10 if kind == "cifar10" else 100
     names = [f"class_{i:03d}" for i in rng.permutation(n_classes)]
-    release = convert_datasets.CIFAR_RELEASES[kind]
+    release = CIFAR_RELEASES[kind]
     folder = root / release.folder
     folder.mkdir(parents=True)
     with open(folder / release.meta, "wb") as f:
@@ -507,7 +519,7 @@ def test_existing_output_with_other_options_is_refused_unless_overwrite(tmp_path
     # an unfinished run's options count too
     layout = Layout(tmp_path / "digits")
     layout.manifest.unlink()
-    convert_datasets.write_json(layout.partial / "options.json", {"dataset": "digits", "shard_size": 7})
+    write_json(layout.partial / "options.json", {"dataset": "digits", "shard_size": 7})
     message = convert_error(capsys, "digits", "--out", tmp_path, "--formats", "dali")
     assert "shard_size: existing 7, requested 2000" in message
 
@@ -543,10 +555,11 @@ def test_open_dataset_says_how_to_create_a_missing_dataset(tmp_path: Path) -> No
 
 
 def test_wds_index_round_trip_and_truncation() -> None:
-    samples = [[("jpg", 512, 100, "00000000.jpg"), ("cls", 1536, 1, "00000000.cls")],
-               [("png", 2560, 30, "00000001.png"), ("cls", 3584, 2, "00000001.cls")]]
+    samples = [[IndexEntry("jpg", 512, 100, "00000000.jpg"), IndexEntry("cls", 1536, 1, "00000000.cls")],
+               [IndexEntry("png", 2560, 30, "00000001.png"), IndexEntry("cls", 3584, 2, "00000001.cls")]]
     text = format_wds_index(samples)
     assert text.splitlines()[0] == "v1.2 2" and parse_wds_index(text) == samples
+    assert [sample[0].key for sample in samples] == ["00000000", "00000001"]
     with pytest.raises(ValueError):
         parse_wds_index("\n".join(text.splitlines()[:2]))
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from atomic_write import atomic_path
 from configs.schema import ConfigError, load_config
 from evaluation.data import open_splits
 from evaluation.knn import KnnConfig, extract_features, knn_classify
@@ -100,9 +101,8 @@ def knn_accuracy(encoder: torch.nn.Module, config: KnnConfig, process, dataset, 
         feats, labels = extract_features(encoder, loader, process.device, dataset.count(split))
         if cache is not None and process.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.tmp")
-            torch.save({"features": feats.cpu(), "labels": labels.cpu()}, tmp)
-            tmp.replace(cache)
+            with atomic_path(cache) as tmp:
+                torch.save({"features": feats.cpu(), "labels": labels.cpu()}, tmp)
         return feats, labels
 
     train_features, train_labels = features(config.data.train_split)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from atomic_write import write_atomic
 from configs.schema import Config, ConfigError, load_config, to_yaml
 from evaluation.knn import extract_features, knn_classify
 from loaders.builder import build_loader
@@ -70,9 +71,7 @@ def write_config(output_dir: Path, config: Config) -> None:
     """Create output_dir and save the resolved config in it (rank 0), or say why it cannot be written."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = output_dir / ".config.yaml.tmp"
-        tmp.write_text(to_yaml(config))
-        tmp.replace(output_dir / "config.yaml")
+        write_atomic(output_dir / "config.yaml", to_yaml(config))
     except OSError as error:
         raise TrainingError(f"cannot write to output_dir {output_dir} ({error.strerror}): choose a writable "
                             f"folder with output_dir=...") from None

@@ -6,7 +6,6 @@ Accepted: our training checkpoints (`last.pt`, `checkpoint-*.pt`), an exported e
 `base_encoder.`). The momentum encoder is used whenever present (docs/method.md §7). The architecture
 is read from the tensor shapes, so no config is needed.
 """
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from atomic_write import write_atomic
 from model.vit import ARCHS, ViT, create_vit
 
 # Prefixes of the key encoder, most preferred first (ours, then the published releases').
@@ -119,13 +119,5 @@ def export_encoder(path: str | Path, out: str | Path) -> EncoderSpec:
     spec = infer_spec(tensors)
     data = save(tensors, metadata={"arch": spec.arch, "img_size": str(spec.img_size),
                                    "patch_size": str(spec.patch_size)})
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out, data)
     return spec

@@ -174,10 +174,11 @@ class DaliLoader:
         s = self.settings
         on_gpu = device.type == "cuda"
         workers = max(1, s.data.workers)
-        # Forked workers must start before CUDA is initialised; on a GPU they are spawned.
+        # Source workers are spawned: forking a process that already runs threads (CUDA, FFCV's
+        # decoders, OpenMP) can deadlock the child on a lock some thread held.
         pipeline = Pipeline(batch_size=s.batch_size, num_threads=workers,
                             device_id=_cuda_index(device) if on_gpu else None, prefetch_queue_depth=PREFETCH,
-                            py_num_workers=workers, py_start_method="spawn" if on_gpu else "fork")
+                            py_num_workers=workers, py_start_method="spawn")
         dtype = DALI_DTYPES.get(s.dtype, types.FLOAT)
         with pipeline:
             nodes = iter(fn.external_source(self.source, num_outputs=self.source.num_outputs(), batch=True,

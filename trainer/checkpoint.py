@@ -1,5 +1,4 @@
 """Checkpoints written atomically (temporary file + rename), `last.pt` plus numbered ones, pruned."""
-import os
 import random
 import subprocess
 import time
@@ -10,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from atomic_write import atomic_path
 from configs.schema import as_dict
 from trainer import TrainingError
 
@@ -40,9 +40,8 @@ def set_rng_state(state: dict) -> None:
 
 def save_atomic(state: dict, path: Path) -> None:
     """Write `state` to `path` so that a crash at any moment leaves either the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load(path: Path) -> dict:

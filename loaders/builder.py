@@ -13,6 +13,7 @@ Order is deterministic given `(seed, epoch)` and ranks are disjoint (see `loader
 """
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -20,6 +21,7 @@ from typing import Iterator, Protocol
 import torch
 
 from configs.schema import DataConfig
+from loaders.device import prefetched
 
 BACKEND_MODULES = {
     "ffcv": "loaders.ffcv_backend",
@@ -68,9 +70,19 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields batches `start_batch, …, len(self) - 1` of `epoch`, the same as
+        a full iteration of `epoch` yields there, without making the batches before them."""
 
     def __iter__(self) -> Iterator[Batch]: ...
+
+
+def worker_threads(workers: int) -> int:
+    """`data.workers`, or for 0 ("auto") this node's cores divided among its ranks (torchrun's
+    `LOCAL_WORLD_SIZE`), at least one."""
+    if workers > 0:
+        return workers
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _available(module: str) -> bool:
@@ -94,5 +106,5 @@ def build_loader(data: DataConfig, *, split: str, train: bool, batch_size: int, 
     backend = resolve_backend(data.backend, device)
     settings = LoaderSettings(data=data, split=split, train=train, batch_size=batch_size, seed=seed, rank=rank,
                               world_size=world_size, device=device, dtype=dtype)
-    module = importlib.import_module(BACKEND_MODULES[backend])
-    return module.make_loader(settings)
+    loader = importlib.import_module(BACKEND_MODULES[backend]).make_loader(settings)
+    return prefetched(loader, device) if backend in ("memory", "ffcv") else loader

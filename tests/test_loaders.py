@@ -140,3 +140,36 @@ def test_augmentation_statistics_follow_the_recipe_and_the_reference(backend, ci
         # normalised views: per-channel mean/std agree with the reference
         assert torch.allclose(moments[view], reference_moments[view], atol=0.1), (moments[view], reference_moments[view])
     assert moments[0][0].abs().max() < 0.5 and (moments[0][1] - 1).abs().max() < 0.35
+
+
+@pytest.mark.parametrize("backend", ["memory", "torchvision", "ffcv"])
+def test_set_epoch_start_batch_yields_the_rest_of_the_epoch_unchanged(backend, cifar_root):
+    """Mid-epoch resume: batches `start..` of an epoch, equal to those of the full epoch."""
+    require_backend(backend)
+    loader = build_loader(data_config(cifar_root, backend), split="train", train=True, batch_size=BATCH, seed=5)
+    full = batches(loader, epoch=1)
+    start = 5
+    loader.set_epoch(1, start_batch=start)
+    rest = list(loader)
+    assert len(loader) == len(full) and len(rest) == len(full) - start
+    for got, expected in zip(rest, full[start:], strict=True):
+        assert torch.equal(got.indices, expected.indices) and torch.equal(got.labels, expected.labels)
+        assert all(torch.equal(a, b) for a, b in zip(got.views, expected.views, strict=True))
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(got.params, expected.params) for k in a)
+    assert len(batches(loader, epoch=1)) == len(full)  # set_epoch(epoch) starts at batch 0 again
+
+
+def test_memory_loader_steady_state_batch_has_no_sync_prone_op(cifar_root):
+    """The memory backend's per-batch work (2 global + 2 local views), counted in eager mode: nothing
+    that would make the host wait for a GPU (`bench.dispatch.OpCounter`)."""
+    from bench.dispatch import OpCounter
+
+    loader = build_loader(data_config(cifar_root, "memory", local_crops=2), split="train", train=True,
+                          batch_size=BATCH)
+    loader.set_epoch(0)
+    it = iter(loader)
+    next(it)
+    with OpCounter() as counter:
+        next(it)
+    assert counter.total > 500  # every view's crop and augmentations were seen
+    assert counter.sync_prone == {}, counter.sync_prone

@@ -115,7 +115,7 @@ class TorchvisionLoader:
             yield Batch(views=[v.to(s.device, s.dtype, non_blocking=True) for v in views],
                         labels=labels.to(s.device, non_blocking=True),
                         indices=indices.to(s.device, non_blocking=True),
-                        params=[{k: v.to(s.device) for k, v in d.items()} for d in decisions])
+                        params=[{k: v.to(s.device, non_blocking=True) for k, v in d.items()} for d in decisions])
 
 
 def make_loader(settings: LoaderSettings) -> TorchvisionLoader:

@@ -189,15 +189,15 @@ def check_loaders(device: str, data: Path, batches: int = 20) -> dict:
     return results
 
 
-def check_augment_imagenet(device: str, repeats: int = 10) -> dict:
+def check_augment_imagenet(device: str) -> dict:
     """The GPU stage of an ImageNet batch as the ffcv backend runs it: 128 images' uint8 crops
     (2 × 224 px + 8 × 96 px), each view's parameters drawn and `apply` compiled, bf16 out;
     milliseconds per batch (to compare with a ViT-S step) under `set_sync_debug_mode("error")`.
-    On CPU: 4 images, eager, without the mode."""
+    On CPU: 2 images, eager, once, without the mode."""
     from loaders.augment import apply, draw_params, recipe_views
 
     on_gpu = device == "cuda"
-    batch = 128 if on_gpu else 4
+    batch, repeats = (128, 10) if on_gpu else (2, 1)
     specs = recipe_views(224, (0.35, 1.0), local_crops=8)
     crops = [torch.randint(0, 256, (batch, 3, spec.size, spec.size), dtype=torch.uint8, device=device)
              for spec in specs]

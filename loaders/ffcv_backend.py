@@ -23,7 +23,7 @@ epochs. Decoding threads: `data.workers`, or with `data.workers: 0` the cores di
 ranks on this node (`LOCAL_WORLD_SIZE`).
 """
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import closing, suppress
 from dataclasses import replace
 from queue import Empty
 
@@ -196,6 +196,13 @@ class FfcvLoader:
         self.epoch, self.order.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
+        with closing(self.host_batches()) as batches:  # closed at once when the consumer stops mid-epoch
+            for number, *host in batches:
+                yield self._device_stage(*host, number)
+
+    def host_batches(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The host stage alone (FFCV's threads: decode once, cut every view): per batch its number in
+        the epoch and host tensors `(pixels, areas, labels, indices)`, as `_device_stage` takes them."""
         s = self.settings
         self.decoder.seed_epoch[:] = (s.seed, self.epoch)  # no decoding thread runs between epochs
         self.loader.next_epoch = self.epoch
@@ -204,10 +211,9 @@ class FfcvLoader:
             for number, ((pixels, areas), labels) in enumerate(batches):
                 # Host tensors that own their memory: FFCV refills its buffers once the next batch is taken.
                 # The pixels are consumed (copied to the device, or cut into views) before that.
-                host = (torch.from_numpy(pixels), torch.from_numpy(areas.copy()),
-                        torch.from_numpy(labels[:, 0].astype(np.int64)),
-                        torch.from_numpy(batches.order[number * s.batch_size:][:len(labels)]))
-                yield self._device_stage(*host, number + self.order.start_batch)
+                yield (number + self.order.start_batch, torch.from_numpy(pixels), torch.from_numpy(areas.copy()),
+                       torch.from_numpy(labels[:, 0].astype(np.int64)),
+                       torch.from_numpy(batches.order[number * s.batch_size:][:len(labels)]))
         finally:  # also when the consumer stops mid-epoch: end FFCV's thread before another starts
             _stop(batches)
 

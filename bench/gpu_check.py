@@ -1,8 +1,11 @@
 """The GPU checks `bench/gpu_check.sh` runs: correctness on CUDA, then the numbers.
 
 Needs only torch, triton and timm (no FFCV, DALI, OmegaConf or pytest). Each check prints
-PASS/FAIL and the whole run writes `checks.json` into the results folder. `--device cpu`
-runs the same checks at toy sizes, to validate this script without a GPU.
+PASS/FAIL and the whole run writes `checks.json` into the results folder; `--checks a,b` runs
+only those. The loader checks run the memory and torchvision loaders (and the ffcv backend's
+GPU stage on synthetic ImageNet crops) under `torch.cuda.set_sync_debug_mode("error")` and
+report images/s. `--device cpu` runs the same checks at toy sizes, to validate this script
+without a GPU (`tests/test_bench.py`).
 """
 import argparse
 import json

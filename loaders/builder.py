@@ -1,7 +1,8 @@
 """One interface over the four loader backends.
 
-`build_loader(config.data, ...)` returns an iterable with `len()` and `set_epoch(epoch)` that
-yields `Batch(views, labels, indices)` on the training device:
+`build_loader(config.data, ...)` returns an iterable with `len()` and `set_epoch(epoch, start_batch=0)`
+that yields `Batch(views, labels, indices)` on the training device (on CUDA, the memory and ffcv
+backends behind `loaders.device.Prefetcher`, which makes the next batch on a side stream):
 
 - training: `views = [v1, v2, *local_crops]`, each a normalised `(B, 3, S, S)` tensor made with
   the recipe's augmentations (§6); the last partial global batch is dropped and every rank
@@ -10,6 +11,7 @@ yields `Batch(views, labels, indices)` on the training device:
   sample exactly once over all ranks (the last batch may be partial).
 
 Order is deterministic given `(seed, epoch)` and ranks are disjoint (see `loaders.sampling`).
+`data.backend: auto` is resolved per split by `resolve_backend`.
 """
 import importlib
 import importlib.util

@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per backend")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed batches first (workers start, compilation, "
+                        "and the allocator's first large blocks make the first few batches slow)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile-views", action="store_true", help="torch.compile the views on CPU too")
     parser.add_argument("--host", action="store_true", help="also time the host stages against raw decoding")
@@ -98,10 +100,10 @@ def cpu_seconds(process: psutil.Process) -> dict[int, float]:
     return times
 
 
-def timed(next_batch, batches: int, images_per_batch: int, device: str) -> dict:
-    """images/s and host CPU-seconds per image over `batches` calls of `next_batch`, after 3 untimed."""
+def timed(next_batch, batches: int, images_per_batch: int, device: str, warmup: int) -> dict:
+    """images/s and host CPU-seconds per image over `batches` calls of `next_batch`, after `warmup` untimed."""
     process = psutil.Process()
-    for _ in range(3):
+    for _ in range(warmup):
         next_batch()
     before = cpu_seconds(process)
     timing = measure(next_batch, warmup=0, repeats=batches, device=device)
@@ -130,7 +132,7 @@ def backend_row(data: DataConfig, backend: str, args: argparse.Namespace, dtype:
     except ImportError as error:
         return {"backend": backend, "images_per_s": None, "note": f"unavailable: {error}"}
     batches = endless(loader)
-    row = {"backend": backend, **timed(lambda: next(batches), args.batches, args.batch, args.device)}
+    row = {"backend": backend, **timed(lambda: next(batches), args.batches, args.batch, args.device, args.warmup)}
     if not data.compile_views:  # a compiled graph does not run under a dispatch mode
         with OpCounter() as counter:
             next(batches)
@@ -154,8 +156,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.host:
         results += host_stages(data, args)
     settings = {"data": str(root), "size": args.size, "local_crops": args.local_crops, "batch": args.batch,
-                "workers": args.workers, "device": args.device, "dtype": str(dtype), "batches": args.batches,
-                "compile_views": args.compile_views, "threads": torch.get_num_threads()}
+                "workers": args.workers, "warmup": args.warmup, "batches": args.batches, "device": args.device,
+                "dtype": str(dtype), "compile_views": args.compile_views, "threads": torch.get_num_threads()}
     record = report("loader", settings, results, ["backend", "images_per_s", "vs_torchvision", "cpu_s_per_image",
                                                   "aten_ops_per_batch", "sync_prone_per_batch", "median_batch_ms"],
                     args.json)
@@ -179,7 +181,7 @@ def host_stages(data: DataConfig, args: argparse.Namespace) -> list[dict]:
     host = (batch for epoch in itertools.count() for batch in _epoch_host(ffcv, epoch))
     specs = recipe_views(data.image_size, data.global_scale, data.local_crops, data.local_size, data.local_scale)
     rows = [{"backend": "raw decode (libjpeg-turbo)", **raw_decode(encoded, args.workers)},
-            {"backend": "ffcv host stage", **timed(lambda: next(host), args.batches, args.batch, "cpu")},
+            {"backend": "ffcv host stage", **timed(lambda: next(host), args.batches, args.batch, "cpu", args.warmup)},
             {"backend": "torchvision host stage", **torchvision_host(samples, specs, args)}]
     for row in rows:
         row["vs_raw_decode"] = row["images_per_s"] / rows[0]["images_per_s"]
@@ -239,7 +241,7 @@ def torchvision_host(samples: ShardSamples, specs: list, args: argparse.Namespac
     loader = torch.utils.data.DataLoader(_DecodeAndCrop(samples, specs), batch_size=args.batch, shuffle=True,
                                          drop_last=True, num_workers=args.workers, persistent_workers=True)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    result = timed(lambda: next(batches), args.batches, args.batch, "cpu")
+    result = timed(lambda: next(batches), args.batches, args.batch, "cpu", args.warmup)
     del batches, loader
     return result
 

@@ -10,9 +10,13 @@ batch while the current one trains.
   `record_stream` so the allocator does not hand the batch's memory to the side stream too
   early). On CPU there is one stream, so it is a pass-through.
 - `compile_setting`: whether the views are made by a `torch.compile`d graph (CUDA) or eagerly.
+- `reuse_host_memory`: on CPU, glibc's allocator tuned for the eager augmentations' churn.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -35,6 +39,25 @@ def compile_setting(device: torch.device, compile_views: bool | None) -> bool:
     """`compile_views` when given, else on for CUDA and off elsewhere: on a CPU, compiling every
     view shape costs more than the eager ops it saves in short runs and tests."""
     return device.type == "cuda" if compile_views is None else compile_views
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+@functools.cache
+def reuse_host_memory() -> None:
+    """Make glibc keep freed blocks of up to 32 MiB in its heap (and up to 256 MiB of free heap
+    before returning it to the OS), for the rest of the process.
+
+    Eager augmentations on a CPU allocate and free dozens of multi-MB temporaries per batch.
+    With glibc's defaults each may be a fresh `mmap` (zeroed pages, one fault per 4 KiB) and a
+    `munmap`; how often depends on what the process did before, so a batch took 30 ms or 1.5 s.
+    Measured on the CIFAR memory backend (2 views, batch 256, 2 cores): ~30 ms steady, from the
+    first batch on. No-op where the C library has no `mallopt` (not glibc)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(M_TRIM_THRESHOLD, 256 * 2**20)
 
 
 def _batch_tensors(batch: Batch) -> Iterator[torch.Tensor]:
@@ -83,5 +106,8 @@ class Prefetcher:
 
 
 def prefetched(loader: Loader, device: torch.device) -> Loader:
-    """`loader` behind a `Prefetcher` on CUDA, `loader` itself elsewhere."""
-    return Prefetcher(loader, device) if device.type == "cuda" else loader
+    """`loader` behind a `Prefetcher` on CUDA; on CPU `loader` itself, with `reuse_host_memory`."""
+    if device.type == "cuda":
+        return Prefetcher(loader, device)
+    reuse_host_memory()
+    return loader

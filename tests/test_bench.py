@@ -64,7 +64,8 @@ def test_loader_benchmark_reports_rate_cpu_and_ops(cifar_root, tmp_path):
     bench.loader.add_arguments(parser)
     parser.add_argument("--json")
     args = parser.parse_args(["--data", cifar_root, "--backends", "torchvision,memory,dali", "--size", "32",
-                              "--scale", "0.1", "1.0", "--batch", "16", "--batches", "2", "--device", "cpu",
+                              "--scale", "0.1", "1.0", "--batch", "16", "--batches", "2", "--warmup", "1",
+                              "--device", "cpu",
                               "--json", str(tmp_path / "loader.json")])
     rows = {row["backend"]: row for row in bench.loader.run(args)["results"]}
     assert rows["torchvision"]["vs_torchvision"] == 1

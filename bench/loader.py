@@ -3,8 +3,9 @@
 Per backend: pre-training batches/s as images/s (2 global views, `--local-crops` more); host
 CPU-seconds per image (this process's CPU time, all its threads, plus its worker processes',
 over the timed batches: what a node must provision per GPU); aten ops and sync-prone ops of one
-steady-state batch (`bench.dispatch.OpCounter`; eager runs only, dynamo refuses dispatch modes); for DALI the operators per iteration of
-its CUDA pipeline on each device (`loaders.dali_backend.operator_counts`, when it exists).
+steady-state batch (`bench.dispatch.OpCounter`; eager runs only, as dynamo refuses dispatch
+modes); for DALI the operators per iteration of its CUDA pipeline on each device
+(`loaders.dali_backend.operator_counts`, when it exists).
 
 `--host` also times the host stages alone, on the same files and threads: raw libjpeg-turbo
 decoding (FFCV's `imdecode`, every image once), ffcv's host stage (decode once + every view's
@@ -129,7 +130,7 @@ def backend_row(data: DataConfig, backend: str, args: argparse.Namespace, dtype:
     try:
         loader = build_loader(replace(data, backend=backend), split="train", train=True, batch_size=args.batch,
                               device=args.device, dtype=dtype)
-    except ImportError as error:
+    except (ImportError, ValueError) as error:  # a library missing, or the data unfit (memory: many sizes)
         return {"backend": backend, "images_per_s": None, "note": f"unavailable: {error}"}
     batches = endless(loader)
     row = {"backend": backend, **timed(lambda: next(batches), args.batches, args.batch, args.device, args.warmup)}
@@ -145,6 +146,8 @@ def backend_row(data: DataConfig, backend: str, args: argparse.Namespace, dtype:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if not (args.data or args.prepare):
+        raise SystemExit("bench.py loader: pass --data DIR/NAME (a converted dataset) or --prepare cifar10|imagenet")
     root = prepare(args.prepare, Path(args.cache), args.replicate) if args.prepare else Path(args.data)
     data = DataConfig(root=str(root), workers=args.workers, image_size=args.size, global_scale=tuple(args.scale),
                       local_crops=args.local_crops, compile_views=True if args.compile_views else None)

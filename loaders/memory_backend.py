@@ -50,7 +50,8 @@ class MemoryLoader:
 
     def __init__(self, settings: LoaderSettings) -> None:
         data = settings.data
-        images, labels = load_split(ShardSamples(open_converted(data.root), settings.split), worker_threads(data.workers))
+        samples = ShardSamples(open_converted(data.root), settings.split)
+        images, labels = load_split(samples, worker_threads(data.workers))
         self.settings = settings
         self.images = torch.from_numpy(images).to(settings.device)
         self.labels = torch.from_numpy(labels).to(settings.device)

@@ -112,6 +112,7 @@ def draw_params(batch: int, spec: ViewSpec, generator: torch.Generator) -> Augme
         return uniform(batch) < p
 
     low, width = _jitter_range(device, spec.jitter)
+    _device_constants(device)  # made here, eagerly, for `apply`
     sigma_low, sigma_high = spec.blur_sigma
     return AugmentParams(
         spec=spec,
@@ -168,22 +169,20 @@ class _DeviceConstants:
     hue_offsets: torch.Tensor  # (1, 3, 1, 1): n = 5, 3, 1 of `_adjust_hue`'s closed form
 
 
-def _make_device_constants(device: torch.device) -> _DeviceConstants:
-    def channels(values: tuple[float, ...]) -> torch.Tensor:
-        return torch.tensor(values, device=device).view(1, 3, 1, 1)
-
-    return _DeviceConstants(channels(IMAGENET_MEAN), channels(IMAGENET_STD), channels((5.0, 3.0, 1.0)))
-
-
-_cached_device_constants = functools.cache(_make_device_constants)
+_CONSTANTS: dict[torch.device, _DeviceConstants] = {}
 
 
 def _device_constants(device: torch.device) -> _DeviceConstants:
-    """Made once per device in eager mode, so that a batch builds no tensor from host data; traced
-    afresh under `torch.compile`, where they become constants of the compiled graph."""
-    if torch.compiler.is_compiling():
-        return _make_device_constants(device)
-    return _cached_device_constants(device)
+    """The constants of `device`, made once (`draw_params` makes them, eagerly, before any view is
+    augmented): a batch builds no tensor from host data, and a compiled graph reads them as inputs."""
+    constants = _CONSTANTS.get(device)
+    if constants is None:
+        def channels(values: tuple[float, ...]) -> torch.Tensor:
+            return torch.tensor(values, device=device).view(1, 3, 1, 1)
+
+        constants = _CONSTANTS[device] = _DeviceConstants(channels(IMAGENET_MEAN), channels(IMAGENET_STD),
+                                                          channels((5.0, 3.0, 1.0)))
+    return constants
 
 
 @functools.cache

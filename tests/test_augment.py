@@ -380,3 +380,20 @@ def test_view_compiled_by_inductor_matches_eager():
     torch._dynamo.reset()
     compiled = torch.compile(make_view, fullgraph=True, dynamic=False)(images, boxes, params, torch.float32)
     _close(compiled, make_view(images, boxes, params, torch.float32))
+
+
+def test_compiled_view_builds_no_tensor_from_host_data():
+    """The constants reach the graph as inputs (made once per device), never as `torch.tensor(list)`
+    inside it, which on CUDA would be a host-to-device copy per call."""
+    images, boxes, params = _view_inputs(4)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(make_view, fullgraph=True, dynamic=False, backend=capture)(images, boxes, params, torch.float32)
+    (graph,) = graphs
+    targets = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+    assert not targets & {torch.tensor, torch.as_tensor, torch.from_numpy}, targets

@@ -3,8 +3,8 @@
 Per backend: pre-training batches/s as images/s (2 global views, `--local-crops` more); host
 CPU-seconds per image (this process's CPU time, all its threads, plus its worker processes',
 over the timed batches: what a node must provision per GPU); aten ops and sync-prone ops of one
-steady-state batch (`bench.dispatch.OpCounter`; eager runs only, as dynamo refuses dispatch
-modes); for DALI the operators per iteration of its CUDA pipeline on each device
+steady-state batch (`bench.dispatch.OpCounter`; eager views only, as dynamo refuses dispatch
+modes: on CUDA pass `--eager-views` to count); for DALI the operators per iteration of its CUDA pipeline on each device
 (`loaders.dali_backend.operator_counts`, when it exists).
 
 `--host` also times the host stages alone, on the same files and threads: raw libjpeg-turbo
@@ -34,6 +34,7 @@ from bench.dispatch import OpCounter
 from bench.harness import measure, report
 from configs.schema import DataConfig
 from loaders.builder import LoaderSettings, build_loader
+from loaders.device import compile_setting
 from loaders.shards import ShardSamples, open_converted
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -55,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed batches first (workers start, compilation, "
                         "and the allocator's first large blocks make the first few batches slow)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile-views", action="store_true", help="torch.compile the views on CPU too")
+    views = parser.add_mutually_exclusive_group()
+    views.add_argument("--compile-views", action="store_true", help="torch.compile the views on CPU too")
+    views.add_argument("--eager-views", action="store_true", help="eager views on CUDA too (to count their ops)")
     parser.add_argument("--host", action="store_true", help="also time the host stages against raw decoding")
     parser.add_argument("--plot", help="also write a bar chart (PNG) of images/s by backend")
 
@@ -134,7 +137,7 @@ def backend_row(data: DataConfig, backend: str, args: argparse.Namespace, dtype:
         return {"backend": backend, "images_per_s": None, "note": f"unavailable: {error}"}
     batches = endless(loader)
     row = {"backend": backend, **timed(lambda: next(batches), args.batches, args.batch, args.device, args.warmup)}
-    if not data.compile_views:  # a compiled graph does not run under a dispatch mode
+    if not compile_setting(torch.device(args.device), data.compile_views):  # dynamo refuses dispatch modes
         with OpCounter() as counter:
             next(batches)
         row.update(aten_ops_per_batch=counter.total, sync_prone_per_batch=counter.total_sync_prone,
@@ -150,7 +153,8 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("bench.py loader: pass --data DIR/NAME (a converted dataset) or --prepare cifar10|imagenet")
     root = prepare(args.prepare, Path(args.cache), args.replicate) if args.prepare else Path(args.data)
     data = DataConfig(root=str(root), workers=args.workers, image_size=args.size, global_scale=tuple(args.scale),
-                      local_crops=args.local_crops, compile_views=True if args.compile_views else None)
+                      local_crops=args.local_crops,
+                      compile_views=True if args.compile_views else False if args.eager_views else None)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     results = [backend_row(data, backend, args, dtype) for backend in args.backends.split(",")]
     baseline = next((r["images_per_s"] for r in results if r["backend"] == "torchvision"), None)
@@ -160,7 +164,8 @@ def run(args: argparse.Namespace) -> dict:
         results += host_stages(data, args)
     settings = {"data": str(root), "size": args.size, "local_crops": args.local_crops, "batch": args.batch,
                 "workers": args.workers, "warmup": args.warmup, "batches": args.batches, "device": args.device,
-                "dtype": str(dtype), "compile_views": args.compile_views, "threads": torch.get_num_threads()}
+                "dtype": str(dtype), "compile_views": compile_setting(torch.device(args.device), data.compile_views),
+                "threads": torch.get_num_threads()}
     record = report("loader", settings, results, ["backend", "images_per_s", "vs_torchvision", "cpu_s_per_image",
                                                   "aten_ops_per_batch", "sync_prone_per_batch", "median_batch_ms"],
                     args.json)

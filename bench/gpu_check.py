@@ -1,8 +1,11 @@
 """The GPU checks `bench/gpu_check.sh` runs: correctness on CUDA, then the numbers.
 
 Needs only torch, triton and timm (no FFCV, DALI, OmegaConf or pytest). Each check prints
-PASS/FAIL and the whole run writes `checks.json` into the results folder. `--device cpu`
-runs the same checks at toy sizes, to validate this script without a GPU.
+PASS/FAIL and the whole run writes `checks.json` into the results folder; `--checks a,b` runs
+only those. The loader checks run the memory and torchvision loaders (and the ffcv backend's
+GPU stage on synthetic ImageNet crops) under `torch.cuda.set_sync_debug_mode("error")` and
+report images/s. `--device cpu` runs the same checks at toy sizes, to validate this script
+without a GPU (`tests/test_bench.py`).
 """
 import argparse
 import json
@@ -147,25 +150,91 @@ def tiny_dataset(root: Path, count: int) -> Path:
     return root / "tiny"
 
 
-def check_memory_loader(device: str, data: Path) -> dict:
-    """The memory backend on the device: shapes, dtype, device, an epoch of batches."""
+def check_loaders(device: str, data: Path, batches: int = 20) -> dict:
+    """The memory and torchvision loaders on the device, two-view batches of 32-px views: shapes,
+    dtype, device, then `batches` steady-state batches (after an epoch that compiles the views)
+    under `torch.cuda.set_sync_debug_mode("error")`, where any host-device sync raises; images/s.
+    Also `loaders.device.to_device` of a host batch in that mode. On CPU, the same without the mode."""
     from configs.schema import DataConfig
     from loaders.builder import build_loader
+    from loaders.device import to_device
 
-    loader = build_loader(DataConfig(root=str(data), backend="memory", image_size=32, global_scale=(0.1, 1.0)),
-                          split="train", train=True, batch_size=64, device=device,
-                          dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    batches = list(loader)
-    views = batches[0].views
-    if len(batches) != len(loader) or views[0].device.type != device or views[0].shape != (64, 3, 32, 32):
-        raise AssertionError(f"unexpected batches: {len(batches)} vs {len(loader)}, {views[0].shape}")
-    return {"batches": len(batches)}
+    on_gpu = device == "cuda"
+    batch_size = 512 if on_gpu else 32
+    results = {}
+    for backend in ("memory", "torchvision"):
+        config = DataConfig(root=str(data), backend=backend, workers=8 if on_gpu else 2, image_size=32,
+                            global_scale=(0.1, 1.0))
+        loader = build_loader(config, split="train", train=True, batch_size=batch_size, device=device,
+                              dtype=torch.bfloat16 if on_gpu else torch.float32)
+        warm = list(loader)  # compiles the views (memory) and starts the workers (torchvision)
+        views = warm[0].views
+        if len(warm) != len(loader) or views[0].device.type != device or views[0].shape != (batch_size, 3, 32, 32):
+            raise AssertionError(f"{backend}: unexpected batches: {len(warm)} vs {len(loader)}, {views[0].shape}")
+        endless = (batch for epoch in range(1, 10 ** 6) for batch in _epoch(loader, epoch))
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        start = time.perf_counter()
+        try:
+            for _ in range(batches):
+                last = next(endless)
+            if backend == "memory":
+                to_device(torch.arange(batch_size), torch.device(device))
+        finally:
+            if on_gpu:
+                torch.cuda.set_sync_debug_mode("default")
+        float(last.views[0].float().sum())  # wait for the device (outside the mode)
+        seconds = time.perf_counter() - start
+        results[backend] = {"steady_batches_without_sync": batches, "batch": batch_size,
+                            "two_view_images_per_s": batches * batch_size / seconds}
+        del endless, loader
+    return results
+
+
+def check_augment_imagenet(device: str) -> dict:
+    """The GPU stage of an ImageNet batch as the ffcv backend runs it: 128 images' uint8 crops
+    (2 × 224 px + 8 × 96 px), each view's parameters drawn and `apply` compiled, bf16 out;
+    milliseconds per batch (to compare with a ViT-S step) under `set_sync_debug_mode("error")`.
+    On CPU: 2 images, eager, once, without the mode."""
+    from loaders.augment import apply, draw_params, recipe_views
+
+    on_gpu = device == "cuda"
+    batch, repeats = (128, 10) if on_gpu else (2, 1)
+    specs = recipe_views(224, (0.35, 1.0), local_crops=8)
+    crops = [torch.randint(0, 256, (batch, 3, spec.size, spec.size), dtype=torch.uint8, device=device)
+             for spec in specs]
+    view = torch.compile(apply, fullgraph=True, dynamic=False) if on_gpu else apply
+    generator = torch.Generator(device)
+
+    def augment_batch() -> list[torch.Tensor]:
+        return [view(images, draw_params(batch, spec, generator), torch.bfloat16) for spec, images in zip(specs, crops)]
+
+    augment_batch()  # compiles
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    start = time.perf_counter()
+    try:
+        for _ in range(repeats):
+            out = augment_batch()
+    finally:
+        if on_gpu:
+            torch.cuda.set_sync_debug_mode("default")
+    float(out[-1].float().sum())
+    return {"batch": batch, "views": len(specs), "ms_per_batch": 1e3 * (time.perf_counter() - start) / repeats}
+
+
+def _epoch(loader, epoch: int):
+    loader.set_epoch(epoch)
+    yield from loader
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--checks", help="comma list of checks to run (default: all)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,9 +242,16 @@ def main() -> int:
     checks = {"kernel": lambda: check_kernel(args.device), "compile": lambda: check_compile(args.device),
               "training": lambda: check_training(args.device),
               "step_syncs": lambda: check_step_syncs(args.device),
-              "memory_loader": lambda: check_memory_loader(args.device, data)}
+              "loaders": lambda: check_loaders(args.device, data),
+              "augment_imagenet": lambda: check_augment_imagenet(args.device)}
     if args.device != "cuda":
         checks.pop("compile")  # inductor on CPU is covered by the test suite
+    if args.checks:
+        unknown = set(args.checks.split(",")) - set(checks)
+        if unknown:
+            print(f"gpu_check: unknown checks {sorted(unknown)}; choose from {sorted(checks)}", file=sys.stderr)
+            return 1
+        checks = {name: check for name, check in checks.items() if name in args.checks.split(",")}
     results = {}
     for name, check in checks.items():
         start = time.perf_counter()

@@ -90,10 +90,15 @@ def report(benchmark: str, settings: dict, results: list[dict], columns: Sequenc
     }
     print_table(results, columns)
     if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(path)
-        print(f"wrote {path}")
+        write_json(record, json_path)
     return record
+
+
+def write_json(record: dict, json_path: str) -> None:
+    """Write `record` to `json_path` atomically (parents created)."""
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
+    print(f"wrote {path}")

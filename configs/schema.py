@@ -21,7 +21,8 @@ class DataConfig:
 
     root: str = MISSING  # a converted dataset folder (holds manifest.json), e.g. DIR/cifar10
     backend: str = "auto"  # auto | ffcv | dali | memory | torchvision
-    workers: int = 8  # decoding processes/threads per rank (ffcv, dali, torchvision)
+    workers: int = 0  # decoding threads/processes per rank; 0: this node's cores / its ranks (LOCAL_WORLD_SIZE)
+    compile_views: bool | None = None  # torch.compile the views' crop + augmentations (memory, ffcv); None: on CUDA
     image_size: int = 224  # global views (and evaluation) size
     global_scale: tuple[float, float] = (0.35, 1.0)
     local_crops: int = 0

@@ -11,7 +11,21 @@ the jitter order as a random permutation per sample); their outputs equal torchv
 functional ops applied to each sample with the same parameters. The published code runs the
 same ops on PIL uint8 images, so it differs from this float pipeline by uint8 rounding after
 every op (PIL's hue shift is also quantised to 1/255 of the circle).
+
+The GPU contract (counted on CPU by `tests/test_loaders.py` with `bench.dispatch.OpCounter`): no
+op here reads a device value on the host or builds a tensor from host data per batch. Constant
+tensors (jitter ranges, normalisation, hue offsets) are made once per device (`_device_constants`), and
+`apply` has no data-dependent shapes, so `torch.compile(apply, fullgraph=True)` is one graph; the
+loaders compile it on CUDA (`loaders.device.compile_setting`).
+
+Dtypes: images stay uint8 while they move and while they are flipped (a gather of bytes: the
+flip commutes with every other op, so it runs first, on the smallest data), the view is written
+in the caller's dtype (bf16 for training on a GPU), and the arithmetic in between is fp32:
+bf16's 8-bit mantissa would move a pixel of 200/255 by up to 1/255 at each of the ~10 chained
+ops, far beyond the 1e-5 to which these ops equal torchvision's. Compiled, the chain of
+pointwise ops is fused, so fp32 intermediates live in registers and cost no memory traffic.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -97,15 +111,14 @@ def draw_params(batch: int, spec: ViewSpec, generator: torch.Generator) -> Augme
     def coin(p: float) -> torch.Tensor:
         return uniform(batch) < p
 
-    b, c, s, h = spec.jitter
-    low = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h], device=device)
-    high = torch.tensor([1 + b, 1 + c, 1 + s, h], device=device)
+    low, width = _jitter_range(device, spec.jitter)
+    _device_constants(device)  # made here, eagerly, for `apply`
     sigma_low, sigma_high = spec.blur_sigma
     return AugmentParams(
         spec=spec,
         jitter=coin(spec.jitter_prob),
         order=uniform(batch, 4).argsort(dim=1),
-        factors=low + (high - low) * uniform(batch, 4),
+        factors=torch.addcmul(low, width, uniform(batch, 4)),
         grayscale=coin(spec.grayscale_prob),
         blur=coin(spec.blur_prob),
         sigma=sigma_low + (sigma_high - sigma_low) * uniform(batch),
@@ -117,6 +130,18 @@ def draw_params(batch: int, spec: ViewSpec, generator: torch.Generator) -> Augme
 def apply(images: torch.Tensor, params: AugmentParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Augment `(B, 3, H, W)` images (float in [0, 1], or uint8) with `params`; returns the
     normalised view in `dtype`. Ops whose probability is 0 in the spec are skipped outright."""
+    if params.spec.flip_prob > 0:
+        # The flip commutes with every other op (all are pointwise or mirror-symmetric), so it is
+        # done first, while the images may still be uint8.
+        width = images.shape[-1]
+        columns = torch.arange(width, device=images.device)
+        columns = torch.where(params.flip[:, None], width - 1 - columns, columns)
+        images = images.gather(-1, columns[:, None, None, :].expand_as(images))
+    return colour_and_normalise(images, params, dtype)
+
+
+def colour_and_normalise(images: torch.Tensor, params: AugmentParams, dtype: torch.dtype) -> torch.Tensor:
+    """Every op of `apply` but the flip (which the caller has done, e.g. inside the crop)."""
     spec = params.spec
     x = images.to(torch.float32) / 255 if images.dtype == torch.uint8 else images.to(torch.float32)
     if spec.jitter_prob > 0:
@@ -127,19 +152,46 @@ def apply(images: torch.Tensor, params: AugmentParams, dtype: torch.dtype = torc
         x = _gaussian_blur(x, params.sigma, params.blur, spec.blur_sigma[1])
     if spec.solarize_prob > 0:
         x = torch.where(_per_sample(params.solarize) & (x >= SOLARIZE_THRESHOLD), 1 - x, x)
-    # The flip commutes with every op above (all are pointwise or mirror-symmetric), so it is
-    # done last, fused into one gather that also makes the tensor the in-place normalise owns.
-    width = x.shape[-1]
-    columns = torch.arange(width, device=x.device)
-    columns = torch.where(params.flip[:, None], width - 1 - columns, columns)
-    x = x.gather(-1, columns[:, None, None, :].expand_as(x))
-    return TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD), inplace=True).to(dtype)
+    constants = _device_constants(x.device)
+    return ((x - constants.mean) / constants.std).to(dtype)
 
 
 def augment(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator,
             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`apply(images, draw_params(...))`: one augmented, normalised view of a cropped batch."""
     return apply(images, draw_params(images.shape[0], spec, generator), dtype)
+
+
+@dataclass(frozen=True)
+class _DeviceConstants:
+    mean: torch.Tensor  # (1, 3, 1, 1) ImageNet mean
+    std: torch.Tensor
+    hue_offsets: torch.Tensor  # (1, 3, 1, 1): n = 5, 3, 1 of `_adjust_hue`'s closed form
+
+
+_CONSTANTS: dict[torch.device, _DeviceConstants] = {}
+
+
+def _device_constants(device: torch.device) -> _DeviceConstants:
+    """The constants of `device`, made once (`draw_params` makes them, eagerly, before any view is
+    augmented): a batch builds no tensor from host data, and a compiled graph reads them as inputs."""
+    constants = _CONSTANTS.get(device)
+    if constants is None:
+        def channels(values: tuple[float, ...]) -> torch.Tensor:
+            return torch.tensor(values, device=device).view(1, 3, 1, 1)
+
+        constants = _CONSTANTS[device] = _DeviceConstants(channels(IMAGENET_MEAN), channels(IMAGENET_STD),
+                                                          channels((5.0, 3.0, 1.0)))
+    return constants
+
+
+@functools.cache
+def _jitter_range(device: torch.device, jitter: tuple[float, float, float, float]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The jitter factors' `(low, high - low)` per op, made once per device and strengths."""
+    b, c, s, h = jitter
+    low = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h], device=device)
+    return low, torch.tensor([1 + b, 1 + c, 1 + s, h], device=device) - low
 
 
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
@@ -188,7 +240,7 @@ def _adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     value_plane = value[:, 0]
     sector = torch.where(value_plane == red, bc - gc, torch.where(value_plane == green, 2 + rc - bc, 4 + gc - rc))
     hue6 = sector.div_(6).add_(hue.view(-1, 1, 1)).remainder_(1.0).mul_(6)[:, None]
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue6).remainder_(6)
+    k = (_device_constants(x.device).hue_offsets + hue6).remainder_(6)
     return value - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 

@@ -1,7 +1,8 @@
 """One interface over the four loader backends.
 
-`build_loader(config.data, ...)` returns an iterable with `len()` and `set_epoch(epoch)` that
-yields `Batch(views, labels, indices)` on the training device:
+`build_loader(config.data, ...)` returns an iterable with `len()` and `set_epoch(epoch, start_batch=0)`
+that yields `Batch(views, labels, indices)` on the training device (on CUDA, the memory and ffcv
+backends behind `loaders.device.Prefetcher`, which makes the next batch on a side stream):
 
 - training: `views = [v1, v2, *local_crops]`, each a normalised `(B, 3, S, S)` tensor made with
   the recipe's augmentations (§6); the last partial global batch is dropped and every rank
@@ -10,9 +11,12 @@ yields `Batch(views, labels, indices)` on the training device:
   sample exactly once over all ranks (the last batch may be partial).
 
 Order is deterministic given `(seed, epoch)` and ranks are disjoint (see `loaders.sampling`).
+`data.backend: auto` is resolved per split by `resolve_backend`.
 """
 import importlib
 import importlib.util
+import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -20,6 +24,7 @@ from typing import Iterator, Protocol
 import torch
 
 from configs.schema import DataConfig
+from loaders.device import prefetched
 
 BACKEND_MODULES = {
     "ffcv": "loaders.ffcv_backend",
@@ -68,19 +73,55 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields batches `start_batch, …, len(self) - 1` of `epoch`, the same as
+        a full iteration of `epoch` yields there, without making the batches before them."""
 
     def __iter__(self) -> Iterator[Batch]: ...
+
+
+def worker_threads(workers: int) -> int:
+    """`data.workers`, or for 0 ("auto") this node's cores divided among its ranks (torchrun's
+    `LOCAL_WORLD_SIZE`), at least one."""
+    if workers > 0:
+        return workers
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """`auto`: DALI when a GPU and DALI are present, else FFCV when installed, else torchvision."""
-    if name != "auto":
-        return name
+MEMORY_BUDGET_BYTES = 4 * 2**30  # the most device memory per rank `auto` gives a split held as uint8
+SIZE_PROBES = 16  # samples whose image sizes `auto` reads (headers only) to tell one-size splits
+
+
+def split_footprint(root: str | Path, split: str) -> int | None:
+    """Bytes of the split as one uint8 tensor when its images share one size (judged on
+    `SIZE_PROBES` samples spread over it, headers only), else None."""
+    from PIL import Image
+
+    from loaders.shards import ShardSamples, open_converted
+
+    samples = ShardSamples(open_converted(root), split)
+    count = len(samples)
+    probes = sorted({i * (count - 1) // max(1, SIZE_PROBES - 1) for i in range(SIZE_PROBES)}) if count else []
+    sizes = {Image.open(io.BytesIO(samples.read(i)[0])).size for i in probes}
+    if len(sizes) != 1:
+        return None
+    (width, height), = sizes
+    return count * 3 * width * height
+
+
+def resolve_backend(data: DataConfig, split: str, device: torch.device) -> str:
+    """`data.backend`, or for `auto`: `memory` when the split is one image size and fits in
+    `MEMORY_BUDGET_BYTES` (CIFAR, digits); else `dali` on a GPU when DALI is installed (JPEG data
+    decoded on the GPU); else `ffcv` when installed; else `torchvision`."""
+    if data.backend != "auto":
+        return data.backend
+    footprint = split_footprint(data.root, split)
+    if footprint is not None and footprint <= MEMORY_BUDGET_BYTES:
+        return "memory"
     if device.type == "cuda" and _available("nvidia.dali"):
         return "dali"
     return "ffcv" if _available("ffcv") else "torchvision"
@@ -91,8 +132,8 @@ def build_loader(data: DataConfig, *, split: str, train: bool, batch_size: int, 
                  dtype: torch.dtype = torch.float32) -> Loader:
     """The loader of `data.backend` for one split of the converted dataset at `data.root`."""
     device = torch.device(device)
-    backend = resolve_backend(data.backend, device)
+    backend = resolve_backend(data, split, device)
     settings = LoaderSettings(data=data, split=split, train=train, batch_size=batch_size, seed=seed, rank=rank,
                               world_size=world_size, device=device, dtype=dtype)
-    module = importlib.import_module(BACKEND_MODULES[backend])
-    return module.make_loader(settings)
+    loader = importlib.import_module(BACKEND_MODULES[backend]).make_loader(settings)
+    return prefetched(loader, device) if backend in ("memory", "ffcv") else loader

@@ -12,6 +12,12 @@ its result is clamped to [0, 1], as PIL clamps its intermediate uint8 image (new
 1/255 (PIL rounds to uint8 twice) and, where nothing overshoots [0, 1], equals torchvision's
 `resized_crop(..., BICUBIC, antialias=True)` on float images.
 
+`make_view` is one whole view from full images, crop and augmentations, with the flip folded
+into the crop (a flipped sample's column weights, reversed): no op reads a device value on the
+host and no shape depends on data, so `torch.compile(make_view, fullgraph=True)` is one graph,
+which the memory backend uses on CUDA. The boxes and the parameters are drawn eagerly, outside
+it (dynamo does not trace an explicit `torch.Generator`): a few dozen tiny `(B,)`-sized ops.
+
 Why not `grid_sample` or `roi_align`: grid_sample's bicubic is a = −0.75 and never antialiases
 (a 400-px crop shrunk to 224 would alias); roi_align is bilinear. The dense matrices cost
 `B·S·(H+W)` floats and a matmul, cheap for the CIFAR-sized on-device data this is for.
@@ -20,7 +26,7 @@ import math
 
 import torch
 
-from loaders.augment import ViewSpec
+from loaders.augment import AugmentParams, ViewSpec, colour_and_normalise
 
 
 def crop_boxes(batch: int, height: int | torch.Tensor, width: int | torch.Tensor, scale: tuple[float, float],
@@ -58,19 +64,32 @@ def _centre_crop_size(height: torch.Tensor, width: torch.Tensor,
             torch.where(wide, torch.round(height * max(ratio)), width))
 
 
-def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """Crop each `(B, C, H, W)` image (uint8, or float in [0, 1]) to its box and resize it to
-    `size × size` with PIL's bicubic; returns float32 in [0, 1] (clamped, like PIL's uint8)."""
+    `size × size` with PIL's bicubic; returns float32 in [0, 1] (clamped, like PIL's uint8).
+    Samples where the `(B,)` bool `flip` is set come out mirrored left to right, at no cost."""
     batch, channels, height, width = images.shape
     top, left, box_h, box_w = boxes.to(images.device).unbind(dim=1)
     rows = _bicubic_weights(top, box_h, height, size)
     cols = _bicubic_weights(left, box_w, width, size)
+    if flip is not None:
+        cols = torch.where(flip[:, None, None], cols.flip(1), cols)
     if images.dtype == torch.uint8:
         cols = cols / 255  # fold the uint8 -> [0, 1] scaling into the weights
     # Horizontal pass first, clamped as PIL clamps its intermediate uint8 image; then vertical.
     out = torch.bmm(images.to(torch.float32).reshape(batch, channels * height, width), cols.transpose(1, 2))
     out = out.clamp_(0, 1).view(batch, channels, height, size)
     return (rows[:, None] @ out).clamp_(0, 1)
+
+
+def make_view(images: torch.Tensor, boxes: torch.Tensor, params: AugmentParams, dtype: torch.dtype) -> torch.Tensor:
+    """One normalised view in `dtype` of full `(B, C, H, W)` images: `boxes` resized to
+    `params.spec.size`, then `loaders.augment.apply`'s ops with `params` (equal to
+    `apply(resized_crop(images, boxes, size), params, dtype)`)."""
+    spec = params.spec
+    crops = resized_crop(images, boxes, spec.size, params.flip if spec.flip_prob > 0 else None)
+    return colour_and_normalise(crops, params, dtype)
 
 
 def random_resized_crop(images: torch.Tensor, spec: ViewSpec,

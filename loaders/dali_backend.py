@@ -48,7 +48,7 @@ from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import Pipeline
 
 from loaders.augment import SOLARIZE_THRESHOLD, ViewSpec, recipe_views
-from loaders.builder import Batch, LoaderSettings
+from loaders.builder import Batch, LoaderSettings, worker_threads
 from loaders.dali_params import DECISIONS, BatchSource, EpochState, colours, view_inputs
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
 from loaders.shards import ShardSamples, open_converted
@@ -173,7 +173,7 @@ class DaliLoader:
         eval view, or the training views and, with decisions, their `(B, V, 6)` decisions."""
         s = self.settings
         on_gpu = device.type == "cuda"
-        workers = max(1, s.data.workers)
+        workers = worker_threads(s.data.workers)
         # Source workers are spawned: forking a process that already runs threads (CUDA, FFCV's
         # decoders, OpenMP) can deadlock the child on a lock some thread held.
         pipeline = Pipeline(batch_size=s.batch_size, num_threads=workers,

@@ -9,20 +9,27 @@ one uint8 row. Crops are drawn from a generator seeded per sample by `(seed, epo
 they are reproducible and do not depend on which thread decoded what.
 
 The rest of the recipe (colour jitter, grayscale, blur, solarize, flip, normalise) runs batched
-on the training device (`loaders.augment`), per-sample parameters drawn from a generator
-seeded by `(seed, epoch, rank, batch)`, as in the memory backend. FFCV visits exactly
-`loaders.sampling.epoch_indices` (a custom traversal order; FFCV's `distributed` stays off),
-and one FFCV `Loader` is built and reused across epochs.
+on the training device (`loaders.augment.apply`, compiled on CUDA), per-sample parameters drawn
+from a generator seeded by `(seed, epoch, rank, batch)`, as in the memory backend. The device
+stage (`_device_stage`) makes the host wait for nothing: the uint8 views, labels, areas and
+indices go through pinned memory with non-blocking copies (`loaders.device.to_device`), and on
+CUDA `build_loader` puts the loader behind `loaders.device.Prefetcher`, so batch N+1's device
+stage runs on a side stream while step N trains.
+
+FFCV visits exactly `loaders.sampling.epoch_indices` (a custom traversal order; FFCV's
+`distributed` stays off), from batch `start_batch` on after `set_epoch(epoch, start_batch)`
+(FFCV then never reads the samples before it), and one FFCV `Loader` is built and reused across
+epochs. Decoding threads: `data.workers`, or with `data.workers: 0` the cores divided by the
+ranks on this node (`LOCAL_WORLD_SIZE`).
 """
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import closing, suppress
 from dataclasses import replace
 from queue import Empty
 
 import numba
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, get_random_crop
 from ffcv.libffcv import ctypes_memcopy, imdecode, resize_crop
@@ -37,7 +44,8 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from loaders.augment import ViewSpec, apply, draw_params, recipe_views
 from loaders.eval_view import eval_resize_length, normalise
-from loaders.builder import Batch, LoaderSettings
+from loaders.builder import Batch, LoaderSettings, worker_threads
+from loaders.device import compile_setting, to_device
 from loaders.sampling import epoch_indices, num_batches
 from loaders.seeding import derive_seed
 from loaders.shards import open_converted
@@ -129,7 +137,7 @@ class _EpochOrder(TraversalOrder):
     """FFCV's traversal order: this rank's `epoch_indices`."""
 
     def __init__(self, settings: LoaderSettings, num_samples: int) -> None:
-        self.settings, self.num_samples = settings, num_samples
+        self.settings, self.num_samples, self.start_batch = settings, num_samples, 0
 
     def __call__(self, loader: Loader) -> "_EpochOrder":
         """FFCV 1.0.2 accepts a custom order only as an instance, which it calls with the loader."""
@@ -138,7 +146,7 @@ class _EpochOrder(TraversalOrder):
     def sample_order(self, epoch: int) -> np.ndarray:
         s = self.settings
         return epoch_indices(self.num_samples, s.batch_size, train=s.train, seed=s.seed, epoch=epoch,
-                             rank=s.rank, world_size=s.world_size).numpy()
+                             rank=s.rank, world_size=s.world_size)[self.start_batch * s.batch_size:].numpy()
 
 
 def _stop(batches: EpochIterator) -> None:
@@ -153,7 +161,7 @@ def _stop(batches: EpochIterator) -> None:
 
 
 class FfcvLoader:
-    """Batches from one FFCV `Loader` over the split's `.beton`, decoding in `data.workers` threads (at
+    """Batches from one FFCV `Loader` over the split's `.beton`, decoding in `worker_threads` threads (at
     most one per core)."""
 
     def __init__(self, settings: LoaderSettings) -> None:
@@ -168,58 +176,65 @@ class FfcvLoader:
         else:
             self.specs = [ViewSpec(data.image_size, (1.0, 1.0))]
             self.decoder = MultiViewRGBImageDecoder(self.specs, short_side=eval_resize_length(data.image_size))
-        threads = min(max(1, data.workers), numba.config.NUMBA_NUM_THREADS)  # numba refuses more than it started
+        threads = min(worker_threads(data.workers), numba.config.NUMBA_NUM_THREADS)  # numba refuses more
+        self.order = _EpochOrder(settings, self.num_samples)
         self.loader = Loader(str(dataset.ffcv_file(settings.split)), batch_size=settings.batch_size,
-                             num_workers=threads, order=_EpochOrder(settings, self.num_samples),
-                             drop_last=settings.train, batches_ahead=BATCHES_AHEAD, seed=settings.seed,
+                             num_workers=threads, order=self.order, drop_last=settings.train,
+                             batches_ahead=BATCHES_AHEAD, seed=settings.seed,
                              pipelines={"image": PipelineSpec("image", decoder=self.decoder),
                                         "label": [IntDecoder()]})
+        compiled = compile_setting(settings.device, data.compile_views)
+        self.apply = torch.compile(apply, fullgraph=True, dynamic=False) if compiled else apply
         self.epoch = 0
 
     def __len__(self) -> int:
         s = self.settings
         return num_batches(self.num_samples, s.batch_size, train=s.train, rank=s.rank, world_size=s.world_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields batches `start_batch..` of `epoch`."""
+        self.epoch, self.order.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
+        with closing(self.host_batches()) as batches:  # closed at once when the consumer stops mid-epoch
+            for number, *host in batches:
+                yield self._device_stage(*host, number)
+
+    def host_batches(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The host stage alone (FFCV's threads: decode once, cut every view): per batch its number in
+        the epoch and host tensors `(pixels, areas, labels, indices)`, as `_device_stage` takes them."""
         s = self.settings
         self.decoder.seed_epoch[:] = (s.seed, self.epoch)  # no decoding thread runs between epochs
         self.loader.next_epoch = self.epoch
         batches = iter(self.loader)
-        copied = torch.cuda.Event() if s.device.type == "cuda" else None
         try:
             for number, ((pixels, areas), labels) in enumerate(batches):
-                pixels = torch.from_numpy(pixels).to(s.device, non_blocking=True)
-                if copied is not None:
-                    copied.record()
-                views, params = self._views(pixels, areas, number)
-                indices = torch.from_numpy(batches.order[number * s.batch_size:][:len(labels)])
-                try:
-                    yield Batch(views, torch.tensor(labels[:, 0], device=s.device), indices.to(s.device), params)
-                finally:  # FFCV refills this batch's host buffers once the next batch is taken or it stops
-                    if copied is not None:
-                        copied.synchronize()
+                # Host tensors that own their memory: FFCV refills its buffers once the next batch is taken.
+                # The pixels are consumed (copied to the device, or cut into views) before that.
+                yield (number + self.order.start_batch, torch.from_numpy(pixels), torch.from_numpy(areas.copy()),
+                       torch.from_numpy(labels[:, 0].astype(np.int64)),
+                       torch.from_numpy(batches.order[number * s.batch_size:][:len(labels)]))
         finally:  # also when the consumer stops mid-epoch: end FFCV's thread before another starts
             _stop(batches)
 
-    def _views(self, pixels: torch.Tensor, areas: np.ndarray, number: int
-               ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        """Batch `number`'s views and their `params`, from its packed uint8 rows on the device."""
+    def _device_stage(self, pixels: torch.Tensor, areas: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                      number: int) -> Batch:
+        """Batch `number` of the epoch from its host tensors (packed uint8 rows, crop areas, labels,
+        indices): moved to the device without a host sync, then augmented there."""
         s = self.settings
+        pixels, labels, indices = (to_device(t, s.device) for t in (pixels, labels, indices))
         crops = [pixels[:, start:end].unflatten(1, (spec.size, spec.size, 3)).permute(0, 3, 1, 2).contiguous()
                  for spec, start, end in zip(self.specs, self.decoder.offsets, self.decoder.offsets[1:])]
         if not s.train:
-            return [normalise(crops[0], s.dtype)], []
+            return Batch([normalise(crops[0], s.dtype)], labels, indices)
         generator = torch.Generator(s.device).manual_seed(derive_seed(s.seed, self.epoch, s.rank, number))
-        areas = torch.tensor(areas, device=s.device)
+        areas = to_device(areas, s.device)
         views, params = [], []
         for v, (spec, images) in enumerate(zip(self.specs, crops)):
             drawn = draw_params(len(images), spec, generator)
-            views.append(apply(images, drawn, s.dtype))
+            views.append(self.apply(images, drawn, s.dtype))
             params.append({"area": areas[:, v], **drawn.decisions()})
-        return views, params
+        return Batch(views, labels, indices, params)
 
 
 def make_loader(settings: LoaderSettings) -> FfcvLoader:

@@ -1,20 +1,25 @@
 """The whole split as one uint8 tensor on the device; every view made there, batched (CIFAR-sized data).
 
-No worker processes: a batch is an index into the resident tensor, then `random_resized_crop`
-and `augment` per view, with per-sample parameters drawn on the device from a generator
-seeded by `(seed, epoch, rank, batch)` — so any batch can be recomputed without the ones
-before it (exact mid-epoch resume).
+No worker processes: a batch is an index into the resident tensor, then per view the crop boxes
+and augmentation parameters drawn on the device from a generator seeded by
+`(seed, epoch, rank, batch)` — so any batch can be made without the ones before it (mid-epoch
+start: `set_epoch(epoch, start_batch)`) — and `loaders.crop.make_view`, compiled on CUDA.
+
+Nothing per batch makes the host wait for the GPU (tests count it): the epoch's order goes to the
+device once per epoch through pinned memory, labels are gathered on the device, and on CUDA
+`build_loader` puts the loader behind `loaders.device.Prefetcher`, so batch N+1 is made on a side
+stream while step N trains.
 """
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 
-from loaders.augment import apply, draw_params, recipe_views
-from loaders.builder import Batch, LoaderSettings
-from loaders.crop import random_resized_crop
+from loaders.augment import draw_params, recipe_views
+from loaders.builder import Batch, LoaderSettings, worker_threads
+from loaders.crop import crop_boxes, make_view
+from loaders.device import compile_setting, to_device
 from loaders.eval_view import eval_views
 from loaders.sampling import epoch_indices, num_batches
 from loaders.seeding import derive_seed
@@ -45,27 +50,33 @@ class MemoryLoader:
 
     def __init__(self, settings: LoaderSettings) -> None:
         data = settings.data
-        images, labels = load_split(ShardSamples(open_converted(data.root), settings.split), data.workers)
+        samples = ShardSamples(open_converted(data.root), settings.split)
+        images, labels = load_split(samples, worker_threads(data.workers))
         self.settings = settings
         self.images = torch.from_numpy(images).to(settings.device)
         self.labels = torch.from_numpy(labels).to(settings.device)
         self.specs = recipe_views(data.image_size, data.global_scale, data.local_crops, data.local_size,
                                   data.local_scale)
-        self.epoch = 0
+        compiled = compile_setting(settings.device, data.compile_views)
+        self.make_view = torch.compile(make_view, fullgraph=True, dynamic=False) if compiled else make_view
+        self.epoch, self.start_batch = 0, 0
 
     def __len__(self) -> int:
         s = self.settings
         return num_batches(len(self.images), s.batch_size, train=s.train, rank=s.rank, world_size=s.world_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields batches `start_batch..` of `epoch`."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
         s = self.settings
         order = epoch_indices(len(self.images), s.batch_size, train=s.train, seed=s.seed, epoch=self.epoch,
-                              rank=s.rank, world_size=s.world_size).to(s.device)
+                              rank=s.rank, world_size=s.world_size)
+        order = to_device(order[self.start_batch * s.batch_size:], s.device)
         generator = torch.Generator(s.device)
-        for number, indices in enumerate(order.split(s.batch_size)):
+        height, width = self.images.shape[-2:]
+        for number, indices in enumerate(order.split(s.batch_size), start=self.start_batch):
             images = self.images[indices]
             if not s.train:
                 yield Batch([eval_views(images, s.data.image_size, s.dtype)], self.labels[indices], indices)
@@ -73,11 +84,10 @@ class MemoryLoader:
             generator.manual_seed(derive_seed(s.seed, self.epoch, s.rank, number))
             views, params = [], []
             for spec in self.specs:
-                crops, boxes = random_resized_crop(images, spec, generator)
+                boxes = crop_boxes(len(indices), height, width, spec.scale, spec.ratio, generator)
                 drawn = draw_params(len(indices), spec, generator)
-                views.append(apply(crops, drawn, s.dtype))
-                params.append({"area": (boxes[:, 2] * boxes[:, 3]) / (images.shape[2] * images.shape[3]),
-                               **drawn.decisions()})
+                views.append(self.make_view(images, boxes, drawn, s.dtype))
+                params.append({"area": (boxes[:, 2] * boxes[:, 3]) / (height * width), **drawn.decisions()})
             yield Batch(views, self.labels[indices], indices, params)
 
 

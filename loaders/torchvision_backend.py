@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from loaders.augment import SOLARIZE_THRESHOLD, ViewSpec, recipe_views
 from loaders.eval_view import eval_view, to_tensor
-from loaders.builder import Batch, LoaderSettings
+from loaders.builder import Batch, LoaderSettings, worker_threads
 from loaders.sampling import epoch_indices, num_batches
 from loaders.seeding import derive_seed, seed_global_rngs
 from loaders.shards import ShardSamples, open_converted
@@ -69,12 +69,12 @@ class _EpochSampler(Sampler):
     """This rank's `(index, per-sample seed)` pairs of the current epoch."""
 
     def __init__(self, settings: LoaderSettings, num_samples: int) -> None:
-        self.settings, self.num_samples, self.epoch = settings, num_samples, 0
+        self.settings, self.num_samples, self.epoch, self.start_batch = settings, num_samples, 0, 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         s = self.settings
         indices = epoch_indices(self.num_samples, s.batch_size, train=s.train, seed=s.seed, epoch=self.epoch,
-                                rank=s.rank, world_size=s.world_size).tolist()
+                                rank=s.rank, world_size=s.world_size)[self.start_batch * s.batch_size:].tolist()
         return iter((i, derive_seed(s.seed, self.epoch, i)) for i in indices)
 
     def __len__(self) -> int:
@@ -83,7 +83,7 @@ class _EpochSampler(Sampler):
 
 
 class TorchvisionLoader:
-    """PIL + torchvision transforms in `data.workers` persistent `DataLoader` processes."""
+    """PIL + torchvision transforms in `worker_threads(data.workers)` persistent `DataLoader` processes."""
 
     def __init__(self, settings: LoaderSettings) -> None:
         data = settings.data
@@ -91,10 +91,11 @@ class TorchvisionLoader:
         specs = recipe_views(data.image_size, data.global_scale, data.local_crops, data.local_size, data.local_scale)
         self.settings = settings
         self.sampler = _EpochSampler(settings, len(samples))
+        workers = worker_threads(data.workers)
         self.loader = DataLoader(
             _Views(samples, specs, None if settings.train else data.image_size),
             batch_size=settings.batch_size, sampler=self.sampler, drop_last=settings.train,
-            num_workers=data.workers, persistent_workers=data.workers > 0,
+            num_workers=workers, persistent_workers=True,
             pin_memory=settings.device.type == "cuda",
         )
         self._length = num_batches(len(samples), settings.batch_size, train=settings.train, rank=settings.rank,
@@ -103,9 +104,10 @@ class TorchvisionLoader:
     def __len__(self) -> int:
         return self._length
 
-    def set_epoch(self, epoch: int) -> None:
-        """Order and augmentations both follow `(seed, epoch)`."""
-        self.sampler.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Order and augmentations both follow `(seed, epoch)` (per sample), so batches `start_batch..`
+        are those of the full epoch."""
+        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
         s = self.settings
@@ -113,7 +115,7 @@ class TorchvisionLoader:
             yield Batch(views=[v.to(s.device, s.dtype, non_blocking=True) for v in views],
                         labels=labels.to(s.device, non_blocking=True),
                         indices=indices.to(s.device, non_blocking=True),
-                        params=[{k: v.to(s.device) for k, v in d.items()} for d in decisions])
+                        params=[{k: v.to(s.device, non_blocking=True) for k, v in d.items()} for d in decisions])
 
 
 def make_loader(settings: LoaderSettings) -> TorchvisionLoader:

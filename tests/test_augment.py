@@ -16,7 +16,7 @@ from torchvision.transforms import InterpolationMode
 
 from loaders.augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, SOLARIZE_THRESHOLD, ViewSpec, apply, augment,
                              draw_params, recipe_views)
-from loaders.crop import crop_boxes, random_resized_crop, resized_crop
+from loaders.crop import crop_boxes, make_view, random_resized_crop, resized_crop
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
 
 # Every op off: `apply` only normalises. Tests switch on the op they check.
@@ -331,3 +331,69 @@ def test_resized_crop_matches_pil_bicubic(height, width, size):
         image = Image.fromarray(pixels[b].permute(1, 2, 0).numpy())
         pil = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
         _close(out[b], torch.from_numpy(np.array(pil)).permute(2, 0, 1) / 255, atol=1.5 / 255)
+
+
+# ---------------------------------------------------------------------------------------------
+# One view as one compiled graph (what the memory and ffcv backends run on CUDA)
+# ---------------------------------------------------------------------------------------------
+def _view_inputs(seed: int = 0):
+    images = torch.randint(0, 256, (8, 3, 40, 36), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    spec = recipe_views(24, (0.1, 1.0))[1]  # every op possible
+    gen = torch.Generator().manual_seed(seed)
+    boxes = crop_boxes(8, 40, 36, spec.scale, spec.ratio, gen)
+    return images, boxes, _params(spec, 8, seed=seed, flip=_mask(8), blur=_mask(8).roll(1))
+
+
+def test_make_view_folds_the_flip_into_the_crop():
+    images, boxes, params = _view_inputs()
+    expected = apply(resized_crop(images, boxes, params.spec.size), params)
+    _close(make_view(images, boxes, params, torch.float32), expected)
+
+
+def test_uint8_views_flip_before_the_float_conversion():
+    images, boxes, params = _view_inputs(1)
+    crops = (resized_crop(images, boxes, params.spec.size) * 255).round().to(torch.uint8)
+    _close(apply(crops, params), apply(crops.float() / 255, params))
+
+
+@pytest.mark.parametrize("fn", ["make_view", "apply"])
+def test_view_compiles_to_one_graph_equal_to_eager(fn):
+    """fullgraph=True: dynamo would raise at a graph break (a host read, a data-dependent shape).
+    The `aot_eager` backend runs the traced graph with eager kernels, so it must equal eager exactly."""
+    images, boxes, params = _view_inputs(2)
+    torch._dynamo.reset()
+    if fn == "make_view":
+        eager = make_view(images, boxes, params, torch.bfloat16)
+        compiled = torch.compile(make_view, fullgraph=True, dynamic=False, backend="aot_eager")(
+            images, boxes, params, torch.bfloat16)
+    else:
+        eager = apply(images, params, torch.bfloat16)
+        compiled = torch.compile(apply, fullgraph=True, dynamic=False, backend="aot_eager")(images, params,
+                                                                                            torch.bfloat16)
+    assert compiled.dtype == torch.bfloat16 and torch.equal(compiled, eager)
+
+
+@pytest.mark.slow
+def test_view_compiled_by_inductor_matches_eager():
+    """The real compiler (C++ kernels on CPU, Triton on CUDA): equal to eager up to fp32 reassociation."""
+    images, boxes, params = _view_inputs(3)
+    torch._dynamo.reset()
+    compiled = torch.compile(make_view, fullgraph=True, dynamic=False)(images, boxes, params, torch.float32)
+    _close(compiled, make_view(images, boxes, params, torch.float32))
+
+
+def test_compiled_view_builds_no_tensor_from_host_data():
+    """The constants reach the graph as inputs (made once per device), never as `torch.tensor(list)`
+    inside it, which on CUDA would be a host-to-device copy per call."""
+    images, boxes, params = _view_inputs(4)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(make_view, fullgraph=True, dynamic=False, backend=capture)(images, boxes, params, torch.float32)
+    (graph,) = graphs
+    targets = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+    assert not targets & {torch.tensor, torch.as_tensor, torch.from_numpy}, targets

@@ -210,3 +210,20 @@ def test_memory_stays_flat_across_epochs(cifar_ranks: list) -> None:
     assert EpochIterator not in {type(o) for o in gc.get_objects()}
     assert max(rss[3:]) - rss[2] < 20, rss
 
+
+
+def test_device_stage_has_no_sync_prone_op(cifar_ranks: list, cifar_epochs: dict) -> None:
+    """FFCV's GPU stage (move the uint8 views, areas, labels and indices, then augment), counted in
+    eager mode on a steady-state batch: nothing that would make the host wait for a GPU. It also
+    remakes the batch exactly."""
+    from bench.dispatch import OpCounter
+
+    it, batch = cifar_ranks[0], cifar_epochs[0, 0][1]
+    it.set_epoch(0)
+    pixels = torch.randint(0, 256, (CIFAR_BATCH, int(it.decoder.offsets[-1])), dtype=torch.uint8)
+    areas = torch.stack([p["area"] for p in batch.params], dim=1)
+    with OpCounter() as counter:
+        again = it._device_stage(pixels, areas, batch.labels, batch.indices, 1)
+    assert counter.total > 200 and counter.sync_prone == {}, counter.sync_prone
+    # the same per-batch seed: the same decisions as the loader's batch 1
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(again.params, batch.params) for k in a)

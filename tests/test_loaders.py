@@ -3,11 +3,13 @@ and the recipe's augmentation statistics of each backend against the torchvision
 import importlib
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from configs.schema import DataConfig
+from configs.schema import DataConfig, load_config
+from loaders import builder
 from loaders.builder import build_loader
 from loaders.sampling import epoch_indices
 from loaders.shards import ShardSamples, open_converted
@@ -148,3 +150,81 @@ def test_augmentation_statistics_follow_the_recipe_and_the_reference(backend, ci
         # normalised views: per-channel mean/std agree with the reference
         assert torch.allclose(moments[view], reference_moments[view], atol=0.1), (moments[view], reference_moments[view])
     assert moments[0][0].abs().max() < 0.5 and (moments[0][1] - 1).abs().max() < 0.35
+
+
+@pytest.mark.parametrize("backend", ["memory", "torchvision", "ffcv"])
+def test_set_epoch_start_batch_yields_the_rest_of_the_epoch_unchanged(backend, cifar_root):
+    """Mid-epoch resume: batches `start..` of an epoch, equal to those of the full epoch."""
+    require_backend(backend)
+    loader = build_loader(data_config(cifar_root, backend), split="train", train=True, batch_size=BATCH, seed=5)
+    full = batches(loader, epoch=1)
+    start = 5
+    loader.set_epoch(1, start_batch=start)
+    rest = list(loader)
+    assert len(loader) == len(full) and len(rest) == len(full) - start
+    for got, expected in zip(rest, full[start:], strict=True):
+        assert torch.equal(got.indices, expected.indices) and torch.equal(got.labels, expected.labels)
+        assert all(torch.equal(a, b) for a, b in zip(got.views, expected.views, strict=True))
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(got.params, expected.params) for k in a)
+    assert len(batches(loader, epoch=1)) == len(full)  # set_epoch(epoch) starts at batch 0 again
+
+
+def test_memory_loader_steady_state_batch_has_no_sync_prone_op(cifar_root):
+    """The memory backend's per-batch work (2 global + 2 local views), counted in eager mode: nothing
+    that would make the host wait for a GPU (`bench.dispatch.OpCounter`)."""
+    from bench.dispatch import OpCounter
+
+    loader = build_loader(data_config(cifar_root, "memory", local_crops=2), split="train", train=True,
+                          batch_size=BATCH)
+    loader.set_epoch(0)
+    it = iter(loader)
+    next(it)
+    with OpCounter() as counter:
+        next(it)
+    assert counter.total > 500  # every view's crop and augmentations were seen
+    assert counter.sync_prone == {}, counter.sync_prone
+
+
+@pytest.mark.parametrize("footprint,device,installed,expected", [
+    (300 * 3 * 32 * 32, "cpu", {"ffcv", "nvidia.dali"}, "memory"),
+    (300 * 3 * 32 * 32, "cuda", {"ffcv", "nvidia.dali"}, "memory"),
+    (None, "cuda", {"ffcv", "nvidia.dali"}, "dali"),  # images of many sizes (JPEG datasets)
+    (None, "cuda", {"ffcv"}, "ffcv"),
+    (None, "cpu", {"ffcv", "nvidia.dali"}, "ffcv"),
+    (None, "cpu", set(), "torchvision"),
+    (8 * 2**30, "cuda", {"ffcv", "nvidia.dali"}, "dali"),  # one size, but over the memory budget
+    (8 * 2**30, "cpu", {"ffcv"}, "ffcv"),
+])
+def test_auto_backend_decision_table(monkeypatch, footprint, device, installed, expected):
+    monkeypatch.setattr(builder, "split_footprint", lambda root, split: footprint)
+    monkeypatch.setattr(builder, "_available", lambda module: module in installed)
+    assert builder.resolve_backend(DataConfig(root="unused"), "train", torch.device(device)) == expected
+    explicit = DataConfig(root="unused", backend="torchvision")
+    assert builder.resolve_backend(explicit, "train", torch.device(device)) == "torchvision"
+
+
+CIFAR_CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*cifar*.yaml"))
+
+
+@pytest.mark.parametrize("config", CIFAR_CONFIGS, ids=lambda p: p.stem)
+def test_cifar_configs_get_the_memory_backend(config, cifar_root):
+    data = load_config(config, [f"data.root={cifar_root}"]).data
+    assert data.backend == "auto"
+    assert builder.split_footprint(cifar_root, "train") == 300 * 3 * 32 * 32
+    assert builder.resolve_backend(data, "train", torch.device("cuda")) == "memory"
+
+
+def test_split_footprint_is_none_for_images_of_many_sizes(imagenet_folder, tmp_path):
+    import convert_datasets
+
+    assert convert_datasets.main(["imagefolder", "--source", str(imagenet_folder(4, 1)), "--out", str(tmp_path),
+                                  "--name", "mixed", "--formats", "dali", "--workers", "1"]) == 0
+    assert builder.split_footprint(tmp_path / "mixed", "train") is None
+
+
+def test_workers_zero_means_cores_per_local_rank(monkeypatch):
+    monkeypatch.setattr(builder.os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert builder.worker_threads(0) == 2 and builder.worker_threads(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert builder.worker_threads(0) == 1

@@ -1,0 +1,100 @@
+"""The benchmark scripts run end to end at toy sizes: `bench.py all --json`, the loader benchmark's
+columns, and `bench/gpu_check.py`'s CPU smoke mode."""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench.loader
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench_script():
+    """bench.py (the script; `bench` is the package beside it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_script", REPO / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Fake:
+    """A benchmark module that records its arguments and reports one row."""
+    __doc__ = "fake benchmark"
+
+    def __init__(self) -> None:
+        self.calls: list[argparse.Namespace] = []
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--data")
+        parser.add_argument("--prepare")
+        parser.add_argument("--size")
+
+    def run(self, args: argparse.Namespace) -> dict:
+        from bench.harness import report
+
+        self.calls.append(args)
+        return report("fake", {"data": args.data}, [{"value": len(self.calls)}], ["value"], args.json)
+
+
+def test_all_writes_one_json_of_every_run(tmp_path, monkeypatch):
+    script = _bench_script()
+    monkeypatch.chdir(tmp_path)
+    fakes = {name: _Fake() for name in ("kernel", "loader", "train")}
+    monkeypatch.setattr(script, "ALL_RUNS", {"loader_x": ("loader", ["--prepare", "cifar10", "--size", "32"]),
+                                             "train": ("train", ["--data", "{cifar10}"])})
+    monkeypatch.setattr(sys, "argv", ["bench.py", "all", "--data", "DATA", "--json", "out/all.json"])
+    for name, fake in fakes.items():
+        monkeypatch.setitem(sys.modules, f"fake_{name}", fake)
+    monkeypatch.setattr(script, "BENCHMARKS", {name: f"fake_{name}" for name in fakes})
+    script.main()
+    record = json.loads((tmp_path / "out/all.json").read_text())
+    assert record["benchmark"] == "all" and set(record["runs"]) == {"loader_x", "train"}
+    assert record["runs"]["train"]["settings"] == {"data": "DATA"}
+    assert fakes["loader"].calls[0].data == "DATA" and fakes["loader"].calls[0].prepare is None
+
+
+def test_loader_benchmark_reports_rate_cpu_and_ops(cifar_root, tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.loader.add_arguments(parser)
+    parser.add_argument("--json")
+    args = parser.parse_args(["--data", cifar_root, "--backends", "torchvision,memory,dali", "--size", "32",
+                              "--scale", "0.1", "1.0", "--batch", "16", "--batches", "2", "--warmup", "1",
+                              "--device", "cpu",
+                              "--json", str(tmp_path / "loader.json")])
+    rows = {row["backend"]: row for row in bench.loader.run(args)["results"]}
+    assert rows["torchvision"]["vs_torchvision"] == 1
+    for backend in ("torchvision", "memory"):
+        assert rows[backend]["images_per_s"] > 0 and rows[backend]["cpu_s_per_image"] > 0
+    assert rows["memory"]["aten_ops_per_batch"] > 500 and rows["memory"]["sync_prone_per_batch"] == 0
+    if rows["dali"]["images_per_s"] is not None:  # DALI installed: its operator counts, or n/a
+        counts = rows["dali"]["dali_operators"]
+        assert counts == "n/a" or set(counts) >= {"cpu", "gpu"}
+    assert json.loads((tmp_path / "loader.json").read_text())["results"][0]["backend"] == "torchvision"
+
+
+def test_gpu_check_cpu_smoke_mode(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--device", "cpu", "--out", str(tmp_path),
+                           "--checks", "loaders,augment_imagenet"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    checks = json.loads((tmp_path / "checks.json").read_text())["checks"]
+    assert set(checks) == {"loaders", "augment_imagenet"} and all(c["ok"] for c in checks.values())
+    assert set(checks["loaders"]) >= {"memory", "torchvision"}
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_mode_every_check(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_gpu_check_rejects_an_unknown_check(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--device", "cpu", "--out", str(tmp_path),
+                           "--checks", "nope"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1 and "unknown checks ['nope']" in done.stderr

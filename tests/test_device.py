@@ -1,0 +1,46 @@
+"""`loaders.device` on CPU: host tensors stay put, the prefetcher is a pass-through that keeps the
+Loader interface (the CUDA side-stream path runs in `bench/gpu_check.py`)."""
+import torch
+
+from loaders.builder import Batch
+from loaders.device import Prefetcher, compile_setting, prefetched, to_device
+
+
+class _Counting:
+    """A tiny Loader: batch `b` of epoch `e` holds the value `10·e + b`."""
+
+    def __init__(self) -> None:
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return 4
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        for b in range(self.start_batch, 4):
+            value = torch.tensor([10 * self.epoch + b])
+            yield Batch([value.float()], value, value)
+
+
+def test_to_device_on_cpu_is_the_tensor_itself():
+    host = torch.arange(5)
+    assert to_device(host, torch.device("cpu")) is host
+
+
+def test_prefetched_is_the_loader_itself_on_cpu():
+    loader = _Counting()
+    assert prefetched(loader, torch.device("cpu")) is loader
+
+
+def test_prefetcher_on_cpu_passes_batches_and_set_epoch_through():
+    wrapped = Prefetcher(_Counting(), torch.device("cpu"))
+    wrapped.set_epoch(2, start_batch=1)
+    assert len(wrapped) == 4
+    assert [b.labels.item() for b in wrapped] == [21, 22, 23]
+
+
+def test_views_are_compiled_on_cuda_by_default_only():
+    assert compile_setting(torch.device("cuda"), None) and not compile_setting(torch.device("cpu"), None)
+    assert compile_setting(torch.device("cpu"), True) and not compile_setting(torch.device("cuda"), False)

@@ -260,9 +260,12 @@ def main() -> int:
         except Exception as error:  # report every check, then fail at the end
             results[name] = {"ok": False, "error": repr(error), "traceback": traceback.format_exc()}
         results[name]["seconds"] = time.perf_counter() - start
-        print(f"{'PASS' if results[name]['ok'] else 'FAIL'} {name} ({results[name]['seconds']:.1f} s)", flush=True)
-    (out / "checks.json").write_text(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda"
-                                                 else "cpu", "torch": torch.__version__, "checks": results}, indent=2))
+        outcome = "PASS" if results[name]["ok"] else f"FAIL: {results[name]['error']}"
+        print(f"{name} ({results[name]['seconds']:.1f} s): {outcome}", flush=True)
+        # Written after every check, so a run cut short by a time limit still reports what it did.
+        (out / "checks.json").write_text(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda"
+                                                     else "cpu", "torch": torch.__version__, "checks": results},
+                                                    indent=2))
     print(f"data for the loader benchmark: {data}")
     return 0 if all(r["ok"] for r in results.values()) else 1
 

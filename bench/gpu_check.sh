@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# GPU validation in one go (under 8 minutes on one H200): correctness checks on CUDA, then the GPU
-# benchmarks, logs and JSON into RESULTS_DIR. Needs only PyTorch, Triton and timm (no FFCV, DALI or
-# network). Usage: bench/gpu_check.sh [RESULTS_DIR]   (default: bench-results/gpu)
+# GPU validation in one go, sized for one call of at most ~9 minutes on one H200: correctness and
+# sync checks on CUDA, then the step, kernel and loader benchmarks. Each stage has its own time limit,
+# so a slow stage costs only its own results. Needs only PyTorch, Triton, timm and psutil (no FFCV,
+# DALI, OmegaConf or network). Writes into RESULTS_DIR (default bench-results/gpu) at most 8 files:
+# gpu_check.log (everything printed), checks.json, step.json, kernel.json, loader.json, loader.png,
+# nvidia-smi.txt. Converted data and other scratch go to WORK_DIR (default RESULTS_DIR/work).
+# Usage: bench/gpu_check.sh [RESULTS_DIR [WORK_DIR]]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench-results/gpu}"
+work="${2:-$out/work}"
 python="${PYTHON:-python3}"
 if ! "$python" -c 'import torch' 2>/dev/null; then
     echo "gpu_check: $python cannot import torch; set PYTHON=/path/to/python (e.g. .venv/bin/python)." >&2
@@ -14,14 +19,27 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     echo "gpu_check: no CUDA GPU is visible to PyTorch on this machine; nothing to check." >&2
     exit 1
 fi
-mkdir -p "$out"
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1
+log="$out/gpu_check.log"
+: > "$log"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 status=0
-"$python" bench/gpu_check.py --out "$out" 2>&1 | tee "$out/checks.log" || status=1
-"$python" bench.py kernel --json "$out/kernel.json" 2>&1 | tee "$out/kernel.log" || status=1
-"$python" bench.py step --json "$out/step.json" 2>&1 | tee "$out/step.log" || status=1
-"$python" bench.py loader --data "$out/data/tiny" --backends torchvision,memory --size 32 --scale 0.1 1.0 \
-    --batch 512 --workers 8 --batches 30 --json "$out/loader.json" --plot "$out/loader.png" 2>&1 \
-    | tee "$out/loader.log" || status=1
-echo "gpu_check: results in $out (status $status)"
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, everything into the log
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    local code=${PIPESTATUS[0]}
+    [ "$code" -eq 124 ] && echo "=== $name: stopped at its ${limit}s limit" | tee -a "$log"
+    [ "$code" -eq 0 ] || status=1
+}
+stage checks 240 "$python" bench/gpu_check.py --out "$work" \
+    --checks kernel,compile,step_syncs,loaders,augment_imagenet
+cp "$work/checks.json" "$out/" 2>/dev/null
+stage step 170 "$python" bench.py step --models vit_base --no-world2 --repeats 10 --json "$out/step.json"
+stage kernel 45 "$python" bench.py kernel --repeats 10 --json "$out/kernel.json"
+stage loader 60 "$python" bench.py loader --data "$work/data/tiny" --backends torchvision,memory --size 32 \
+    --scale 0.1 1.0 --batch 512 --workers 8 --batches 30 --json "$out/loader.json" --plot "$out/loader.png"
+echo "gpu_check: results in $out (status $status)" | tee -a "$log"
 exit $status

@@ -35,7 +35,9 @@ def crop_boxes(batch: int, height: int | torch.Tensor, width: int | torch.Tensor
     torchvision's `RandomResizedCrop.get_params` draws them. The image size is one for the whole
     batch (ints) or one per sample (`(B,)` int tensors: JPEGs of different sizes)."""
     options = dict(generator=generator, device=generator.device, dtype=torch.float64)
-    height, width = (torch.as_tensor(size, dtype=torch.float64, device=generator.device).expand(batch)
+    # An int becomes a device-side fill, never a host-to-device copy (which would sync a CUDA stream).
+    height, width = (size.to(device=generator.device, dtype=torch.float64) if isinstance(size, torch.Tensor)
+                     else torch.full((batch,), float(size), dtype=torch.float64, device=generator.device)
                      for size in (height, width))
     area = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * torch.rand(batch, attempts, **options))
     log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(batch, attempts, **options)

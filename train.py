@@ -134,11 +134,9 @@ def train(config: Config) -> int:
     try:
         while step < total_steps and not stopping:
             epoch = step // steps_per_epoch
-            loader.set_epoch(epoch)
-            batches = iter(loader)
-            for _ in range(step - epoch * steps_per_epoch):  # mid-epoch resume: skip what was already trained on
-                next(batches)
-            for batch in throughput.timed(batches):
+            # A resumed epoch starts at its next batch; the batches before it are never made.
+            loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+            for batch in throughput.timed(loader):
                 now = schedules.at(step)
                 set_schedule(optimizer, now["lr"], now["wd"])
                 terms = train_step(step_model, model, optimizer, batch.views, temperature=now["temperature"],

@@ -34,11 +34,9 @@ def open_splits(root: str, *splits: str) -> ConvertedDataset:
     missing one and the splits there are; the loaders' own error would come later, mid-run)."""
     dataset = open_converted(root)
     for split in splits:
-        try:
-            dataset.count(split)
-        except (LookupError, ValueError):
+        if split not in dataset.manifest["splits"]:
             raise ValueError(f"{root} has no split {split!r} (it has {', '.join(dataset.manifest['splits'])}): "
-                             f"set data.train_split / data.val_split to one of those") from None
+                             f"set data.train_split / data.val_split to one of those")
     return dataset
 
 

@@ -178,7 +178,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def host_stages(data: DataConfig, args: argparse.Namespace) -> list[dict]:
     """Raw libjpeg-turbo decoding vs ffcv's and torchvision's host stages, same files, `--workers` threads."""
-    from loaders.augment import recipe_views
     from loaders.ffcv_backend import FfcvLoader
 
     samples = ShardSamples(open_converted(data.root), "train")
@@ -187,7 +186,7 @@ def host_stages(data: DataConfig, args: argparse.Namespace) -> list[dict]:
     settings = LoaderSettings(data=replace(data, backend="ffcv"), split="train", train=True, batch_size=args.batch)
     ffcv = FfcvLoader(settings)
     host = (batch for epoch in itertools.count() for batch in _epoch_host(ffcv, epoch))
-    specs = recipe_views(data.image_size, data.global_scale, data.local_crops, data.local_size, data.local_scale)
+    specs = settings.views()
     rows = [{"backend": "raw decode (libjpeg-turbo)", **raw_decode(encoded, args.workers)},
             {"backend": "ffcv host stage", **timed(lambda: next(host), args.batches, args.batch, "cpu", args.warmup)},
             {"backend": "torchvision host stage", **torchvision_host(samples, specs, args)}]

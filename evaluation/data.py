@@ -116,7 +116,7 @@ class _Transformed(Dataset):
             return self.transform(image), label
 
 
-class _EpochOrder(Sampler):
+class _ProtocolSampler(Sampler):
     """`(index, per-sample seed)` pairs of this rank for the current epoch."""
 
     def __init__(self, num_samples: int, batch_size: int, *, train: bool, repeats: int, seed: int, rank: int,
@@ -155,7 +155,7 @@ class ImageLoader:
                  repeats: int = 1) -> None:
         if repeats > 1 and not train:
             raise ValueError("repeated augmentation is for training only")
-        self.sampler = _EpochOrder(len(samples), batch_size, train=train, repeats=repeats, seed=seed, rank=rank,
+        self.sampler = _ProtocolSampler(len(samples), batch_size, train=train, repeats=repeats, seed=seed, rank=rank,
                                    world_size=world_size)
         self.device = device
         self.loader = DataLoader(_Transformed(samples, transform), batch_size=batch_size, sampler=self.sampler,

@@ -24,7 +24,10 @@ from typing import Iterator, Protocol
 import torch
 
 from configs.schema import DataConfig
+from loaders.augment import ViewSpec, recipe_views
 from loaders.device import prefetched
+from loaders.sampling import epoch_indices, num_batches
+from loaders.seeding import derive_seed
 
 BACKEND_MODULES = {
     "ffcv": "loaders.ffcv_backend",
@@ -66,6 +69,50 @@ class LoaderSettings:
     @property
     def root(self) -> Path:
         return Path(self.data.root)
+
+    def views(self) -> list[ViewSpec]:
+        """The training views of the recipe: two global, `data.local_crops` local (docs/method.md §6)."""
+        d = self.data
+        return recipe_views(d.image_size, d.global_scale, d.local_crops, d.local_size, d.local_scale)
+
+    def num_batches(self, num_samples: int) -> int:
+        """Batches per epoch on this rank for a split of `num_samples` (every backend's `len()`)."""
+        return num_batches(num_samples, self.batch_size, train=self.train, rank=self.rank,
+                           world_size=self.world_size)
+
+    def order(self, num_samples: int, epoch: int, start_batch: int = 0) -> torch.Tensor:
+        """This rank's dataset indices of `epoch` in visiting order, from batch `start_batch` on."""
+        indices = epoch_indices(num_samples, self.batch_size, train=self.train, seed=self.seed, epoch=epoch,
+                                rank=self.rank, world_size=self.world_size)
+        return indices[start_batch * self.batch_size:]
+
+    def batch_seed(self, epoch: int, number: int) -> int:
+        """The seed of batch `number`'s augmentations in `epoch` on this rank."""
+        return derive_seed(self.seed, epoch, self.rank, number)
+
+
+class EpochLoader:
+    """What every backend shares: its settings, the split's size, and the epoch and first batch that
+    `set_epoch` chose for the next iteration (which each backend reads as it starts)."""
+
+    def __init__(self, settings: LoaderSettings, num_samples: int) -> None:
+        self.settings, self.num_samples = settings, num_samples
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        """The epoch's number of batches (a resumed epoch yields the last `len − start_batch`)."""
+        return self.settings.num_batches(self.num_samples)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields batches `start_batch, …, len − 1` of `epoch`, equal to those of a
+        whole epoch (order and augmentations follow `(seed, epoch)`), without making the ones before."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}] (the epoch's batches); got {start_batch}")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def order(self) -> torch.Tensor:
+        """The dataset indices the next iteration visits."""
+        return self.settings.order(self.num_samples, self.epoch, self.start_batch)
 
 
 class Loader(Protocol):

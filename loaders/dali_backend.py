@@ -47,8 +47,8 @@ from nvidia.dali import fn, types
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import Pipeline
 
-from loaders.augment import SOLARIZE_THRESHOLD, ViewSpec, recipe_views
-from loaders.builder import Batch, LoaderSettings, worker_threads
+from loaders.augment import SOLARIZE_THRESHOLD, ViewSpec
+from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
 from loaders.dali_params import DECISIONS, BatchSource, EpochState, colours, view_inputs
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
 from loaders.shards import ShardSamples, open_converted
@@ -99,35 +99,20 @@ def _cuda_index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """Batches from one DALI pipeline for the whole run; see the module's docstring."""
 
     def __init__(self, settings: LoaderSettings, with_decisions: bool = False) -> None:
-        data = settings.data
-        self.settings = settings
-        self.specs = recipe_views(data.image_size, data.global_scale, data.local_crops, data.local_size,
-                                  data.local_scale)
+        samples = ShardSamples(open_converted(settings.data.root), settings.split)
+        super().__init__(settings, len(samples))
+        self.specs = settings.views()
         with_decisions = with_decisions and settings.train  # evaluation has none
         self.state = EpochState()
         weakref.finalize(self, self.state.close)
-        self.source = BatchSource(ShardSamples(open_converted(data.root), settings.split), self.state.path,
-                                  settings.batch_size, settings.train, settings.seed, settings.rank,
-                                  settings.world_size, self.specs, data.image_size, with_decisions)
+        self.source = BatchSource(samples, self.state.path, settings, self.specs, with_decisions)
         self.with_decisions = with_decisions
-        self.epoch, self.start_batch = 0, 0
         self._pipeline: Pipeline | None = None
         self._running = False  # an epoch's batches are being produced
-
-    def __len__(self) -> int:
-        """The epoch's number of batches (a resumed epoch yields the last `len − start_batch`)."""
-        return len(self.source)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Order and augmentations both follow `(seed, epoch)`; the next iteration yields batches
-        `start_batch, …, len − 1` of the epoch, equal to those of a whole epoch."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}] (the epoch's batches); got {start_batch}")
-        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
         if self._running:

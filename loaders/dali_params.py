@@ -22,10 +22,9 @@ import torch
 from PIL import Image
 
 from loaders.augment import ViewSpec, draw_params
+from loaders.builder import LoaderSettings
 from loaders.crop import crop_boxes
 from loaders.eval_view import eval_resize_length
-from loaders.sampling import epoch_indices, num_batches
-from loaders.seeding import derive_seed
 from loaders.shards import ShardSamples
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, torchvision's and PIL's grayscale
@@ -159,13 +158,8 @@ class BatchSource:
 
     samples: ShardSamples
     state_path: str
-    batch_size: int
-    train: bool
-    seed: int
-    rank: int
-    world_size: int
+    settings: LoaderSettings
     specs: list[ViewSpec]
-    eval_size: int
     with_decisions: bool
 
     def __post_init__(self) -> None:
@@ -178,20 +172,17 @@ class BatchSource:
     def order(self, epoch: int) -> list[int]:
         """This rank's visiting order of `epoch` (kept for the epoch's batches)."""
         if self._order is None or self._order[0] != epoch:
-            indices = epoch_indices(len(self.samples), self.batch_size, train=self.train, seed=self.seed,
-                                    epoch=epoch, rank=self.rank, world_size=self.world_size)
-            self._order = epoch, indices.tolist()
+            self._order = epoch, self.settings.order(len(self.samples), epoch).tolist()
         return self._order[1]
 
     def num_outputs(self) -> int:
         """How many arrays a call returns (see the class's docstring)."""
-        if not self.train:
+        if not self.settings.train:
             return 5
         return 5 + self.with_decisions + sum(len(view_inputs(spec)) for spec in self.specs)
 
     def __len__(self) -> int:
-        return num_batches(len(self.samples), self.batch_size, train=self.train, rank=self.rank,
-                           world_size=self.world_size)
+        return self.settings.num_batches(len(self.samples))
 
     def __call__(self, iteration: int) -> tuple:
         if self._state is None:
@@ -200,14 +191,15 @@ class BatchSource:
         batch = start + iteration
         if batch >= min(end, len(self)):
             raise StopIteration
-        indices = self.order(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size]
+        size = self.settings.batch_size
+        indices = self.order(epoch)[batch * size:(batch + 1) * size]
         encoded, labels = zip(*(self.samples.read(i) for i in indices))
         heights, widths = image_sizes(encoded)
         head = ([np.frombuffer(data, np.uint8) for data in encoded], np.array(labels, np.int64),
                 np.array(indices, np.int64))
-        if not self.train:
-            return head + eval_window(heights, widths, self.eval_size)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, batch))
+        if not self.settings.train:
+            return head + eval_window(heights, widths, self.settings.data.image_size)
+        generator = torch.Generator().manual_seed(self.settings.batch_seed(epoch, batch))
         views, decisions = zip(*(draw_view(heights, widths, spec, generator) for spec in self.specs))
         shared = [np.stack([v[name] for v in views], axis=1) for name in ("grey", "invert")]
         if self.with_decisions:

@@ -42,11 +42,10 @@ from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.pipeline.state import State
 from ffcv.traversal_order.base import TraversalOrder
 
-from loaders.augment import ViewSpec, apply, draw_params, recipe_views
-from loaders.eval_view import eval_resize_length, normalise
-from loaders.builder import Batch, LoaderSettings, worker_threads
+from loaders.augment import ViewSpec, apply, draw_params
+from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
 from loaders.device import compile_setting, to_device
-from loaders.sampling import epoch_indices, num_batches
+from loaders.eval_view import eval_resize_length, normalise
 from loaders.seeding import derive_seed
 from loaders.shards import open_converted
 
@@ -133,20 +132,18 @@ class MultiViewRGBImageDecoder(Operation):
         return decode
 
 
-class _EpochOrder(TraversalOrder):
-    """FFCV's traversal order: this rank's `epoch_indices`."""
+class _FfcvOrder(TraversalOrder):
+    """FFCV's traversal order: what our loader's next iteration visits (`EpochLoader.order`)."""
 
-    def __init__(self, settings: LoaderSettings, num_samples: int) -> None:
-        self.settings, self.num_samples, self.start_batch = settings, num_samples, 0
+    def __init__(self, loader: EpochLoader) -> None:
+        self.loader = loader
 
-    def __call__(self, loader: Loader) -> "_EpochOrder":
+    def __call__(self, loader: Loader) -> "_FfcvOrder":
         """FFCV 1.0.2 accepts a custom order only as an instance, which it calls with the loader."""
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        s = self.settings
-        return epoch_indices(self.num_samples, s.batch_size, train=s.train, seed=s.seed, epoch=epoch,
-                             rank=s.rank, world_size=s.world_size)[self.start_batch * s.batch_size:].numpy()
+        return self.loader.order().numpy()
 
 
 def _stop(batches: EpochIterator) -> None:
@@ -160,40 +157,28 @@ def _stop(batches: EpochIterator) -> None:
             batches.output_queue.get_nowait()
 
 
-class FfcvLoader:
+class FfcvLoader(EpochLoader):
     """Batches from one FFCV `Loader` over the split's `.beton`, decoding in `worker_threads` threads (at
     most one per core)."""
 
     def __init__(self, settings: LoaderSettings) -> None:
         data = settings.data
         dataset = open_converted(data.root)
-        self.settings = settings
-        self.num_samples = dataset.count(settings.split)
+        super().__init__(settings, dataset.count(settings.split))
         if settings.train:
-            self.specs = recipe_views(data.image_size, data.global_scale, data.local_crops, data.local_size,
-                                      data.local_scale)
+            self.specs = settings.views()
             self.decoder = MultiViewRGBImageDecoder(self.specs)
         else:
             self.specs = [ViewSpec(data.image_size, (1.0, 1.0))]
             self.decoder = MultiViewRGBImageDecoder(self.specs, short_side=eval_resize_length(data.image_size))
         threads = min(worker_threads(data.workers), numba.config.NUMBA_NUM_THREADS)  # numba refuses more
-        self.order = _EpochOrder(settings, self.num_samples)
         self.loader = Loader(str(dataset.ffcv_file(settings.split)), batch_size=settings.batch_size,
-                             num_workers=threads, order=self.order, drop_last=settings.train,
+                             num_workers=threads, order=_FfcvOrder(self), drop_last=settings.train,
                              batches_ahead=BATCHES_AHEAD, seed=settings.seed,
                              pipelines={"image": PipelineSpec("image", decoder=self.decoder),
                                         "label": [IntDecoder()]})
         compiled = compile_setting(settings.device, data.compile_views)
         self.apply = torch.compile(apply, fullgraph=True, dynamic=False) if compiled else apply
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        s = self.settings
-        return num_batches(self.num_samples, s.batch_size, train=s.train, rank=s.rank, world_size=s.world_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """The next iteration yields batches `start_batch..` of `epoch`."""
-        self.epoch, self.order.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
         with closing(self.host_batches()) as batches:  # closed at once when the consumer stops mid-epoch
@@ -211,7 +196,7 @@ class FfcvLoader:
             for number, ((pixels, areas), labels) in enumerate(batches):
                 # Host tensors that own their memory: FFCV refills its buffers once the next batch is taken.
                 # The pixels are consumed (copied to the device, or cut into views) before that.
-                yield (number + self.order.start_batch, torch.from_numpy(pixels), torch.from_numpy(areas.copy()),
+                yield (number + self.start_batch, torch.from_numpy(pixels), torch.from_numpy(areas.copy()),
                        torch.from_numpy(labels[:, 0].astype(np.int64)),
                        torch.from_numpy(batches.order[number * s.batch_size:][:len(labels)]))
         finally:  # also when the consumer stops mid-epoch: end FFCV's thread before another starts
@@ -227,7 +212,7 @@ class FfcvLoader:
                  for spec, start, end in zip(self.specs, self.decoder.offsets, self.decoder.offsets[1:])]
         if not s.train:
             return Batch([normalise(crops[0], s.dtype)], labels, indices)
-        generator = torch.Generator(s.device).manual_seed(derive_seed(s.seed, self.epoch, s.rank, number))
+        generator = torch.Generator(s.device).manual_seed(s.batch_seed(self.epoch, number))
         areas = to_device(areas, s.device)
         views, params = [], []
         for v, (spec, images) in enumerate(zip(self.specs, crops)):

@@ -16,13 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from loaders.augment import draw_params, recipe_views
-from loaders.builder import Batch, LoaderSettings, worker_threads
+from loaders.augment import draw_params
+from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
 from loaders.crop import crop_boxes, make_view
 from loaders.device import compile_setting, to_device
 from loaders.eval_view import eval_views
-from loaders.sampling import epoch_indices, num_batches
-from loaders.seeding import derive_seed
 from loaders.shards import ShardSamples, open_converted
 
 
@@ -45,35 +43,23 @@ def load_split(samples: ShardSamples, workers: int = 4) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(images), np.array([label for _, label in decoded], dtype=np.int64)
 
 
-class MemoryLoader:
+class MemoryLoader(EpochLoader):
     """Batches cut from a device-resident uint8 copy of the split."""
 
     def __init__(self, settings: LoaderSettings) -> None:
         data = settings.data
         samples = ShardSamples(open_converted(data.root), settings.split)
         images, labels = load_split(samples, worker_threads(data.workers))
-        self.settings = settings
+        super().__init__(settings, len(samples))
         self.images = torch.from_numpy(images).to(settings.device)
         self.labels = torch.from_numpy(labels).to(settings.device)
-        self.specs = recipe_views(data.image_size, data.global_scale, data.local_crops, data.local_size,
-                                  data.local_scale)
+        self.specs = settings.views()
         compiled = compile_setting(settings.device, data.compile_views)
         self.make_view = torch.compile(make_view, fullgraph=True, dynamic=False) if compiled else make_view
-        self.epoch, self.start_batch = 0, 0
-
-    def __len__(self) -> int:
-        s = self.settings
-        return num_batches(len(self.images), s.batch_size, train=s.train, rank=s.rank, world_size=s.world_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """The next iteration yields batches `start_batch..` of `epoch`."""
-        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
         s = self.settings
-        order = epoch_indices(len(self.images), s.batch_size, train=s.train, seed=s.seed, epoch=self.epoch,
-                              rank=s.rank, world_size=s.world_size)
-        order = to_device(order[self.start_batch * s.batch_size:], s.device)
+        order = to_device(self.order(), s.device)
         generator = torch.Generator(s.device)
         height, width = self.images.shape[-2:]
         for number, indices in enumerate(order.split(s.batch_size), start=self.start_batch):
@@ -81,7 +67,7 @@ class MemoryLoader:
             if not s.train:
                 yield Batch([eval_views(images, s.data.image_size, s.dtype)], self.labels[indices], indices)
                 continue
-            generator.manual_seed(derive_seed(s.seed, self.epoch, s.rank, number))
+            generator.manual_seed(s.batch_seed(self.epoch, number))
             views, params = [], []
             for spec in self.specs:
                 boxes = crop_boxes(len(indices), height, width, spec.scale, spec.ratio, generator)

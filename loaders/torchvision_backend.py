@@ -15,10 +15,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from loaders.augment import SOLARIZE_THRESHOLD, ViewSpec, recipe_views
+from loaders.augment import SOLARIZE_THRESHOLD, ViewSpec
+from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
 from loaders.eval_view import eval_view, to_tensor
-from loaders.builder import Batch, LoaderSettings, worker_threads
-from loaders.sampling import epoch_indices, num_batches
 from loaders.seeding import derive_seed, seed_global_rngs
 from loaders.shards import ShardSamples, open_converted
 
@@ -66,48 +65,33 @@ class _Views(Dataset):
 
 
 class _EpochSampler(Sampler):
-    """This rank's `(index, per-sample seed)` pairs of the current epoch."""
+    """The loader's `(index, per-sample seed)` pairs for its next iteration."""
 
-    def __init__(self, settings: LoaderSettings, num_samples: int) -> None:
-        self.settings, self.num_samples, self.epoch, self.start_batch = settings, num_samples, 0, 0
+    def __init__(self, loader: EpochLoader) -> None:
+        self.loader = loader
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        s = self.settings
-        indices = epoch_indices(self.num_samples, s.batch_size, train=s.train, seed=s.seed, epoch=self.epoch,
-                                rank=s.rank, world_size=s.world_size)[self.start_batch * s.batch_size:].tolist()
-        return iter((i, derive_seed(s.seed, self.epoch, i)) for i in indices)
+        seed, epoch = self.loader.settings.seed, self.loader.epoch
+        return iter((i, derive_seed(seed, epoch, i)) for i in self.loader.order().tolist())
 
     def __len__(self) -> int:
-        return len(epoch_indices(self.num_samples, self.settings.batch_size, train=self.settings.train,
-                                 rank=self.settings.rank, world_size=self.settings.world_size))
+        return len(self.loader.order())
 
 
-class TorchvisionLoader:
-    """PIL + torchvision transforms in `worker_threads(data.workers)` persistent `DataLoader` processes."""
+class TorchvisionLoader(EpochLoader):
+    """PIL + torchvision transforms in `worker_threads(data.workers)` persistent `DataLoader` processes;
+    augmentations seeded per sample by `(seed, epoch, index)`."""
 
     def __init__(self, settings: LoaderSettings) -> None:
         data = settings.data
         samples = ShardSamples(open_converted(data.root), settings.split)
-        specs = recipe_views(data.image_size, data.global_scale, data.local_crops, data.local_size, data.local_scale)
-        self.settings = settings
-        self.sampler = _EpochSampler(settings, len(samples))
-        workers = worker_threads(data.workers)
+        super().__init__(settings, len(samples))
         self.loader = DataLoader(
-            _Views(samples, specs, None if settings.train else data.image_size),
-            batch_size=settings.batch_size, sampler=self.sampler, drop_last=settings.train,
-            num_workers=workers, persistent_workers=True,
+            _Views(samples, settings.views(), None if settings.train else data.image_size),
+            batch_size=settings.batch_size, sampler=_EpochSampler(self), drop_last=settings.train,
+            num_workers=worker_threads(data.workers), persistent_workers=True,
             pin_memory=settings.device.type == "cuda",
         )
-        self._length = num_batches(len(samples), settings.batch_size, train=settings.train, rank=settings.rank,
-                                   world_size=settings.world_size)
-
-    def __len__(self) -> int:
-        return self._length
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Order and augmentations both follow `(seed, epoch)` (per sample), so batches `start_batch..`
-        are those of the full epoch."""
-        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
         s = self.settings

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from atomic_write import write_atomic
+
 
 def synchronize(device: str | None = None) -> None:
     """Wait for queued GPU work so that wall-clock times are honest (no-op on CPU)."""
@@ -98,7 +100,5 @@ def write_json(record: dict, json_path: str) -> None:
     """Write `record` to `json_path` atomically (parents created)."""
     path = Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(record, indent=2))
     print(f"wrote {path}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from atomic_write import atomic_path, write_atomic
 from evaluation.published import PROTOCOLS, published
 
 KNN_K = 20  # the kNN row set against the paper; the best k is shown too
@@ -189,7 +190,8 @@ def plot_curves(runs: list[RunData], out: Path) -> None:
         else:
             axis.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axis.transAxes)
     figure.tight_layout()
-    figure.savefig(out, dpi=100)
+    with atomic_path(out) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
 
 
@@ -241,7 +243,5 @@ def write_report(run_dirs: list[str], out: str) -> str:
         f"![training curves]({png.name})",
     ]) + "\n"
     plot_curves(runs, png)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(out_path)
+    write_atomic(out_path, text)
     return text

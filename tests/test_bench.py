@@ -59,6 +59,7 @@ def test_all_writes_one_json_of_every_run(tmp_path, monkeypatch):
     assert fakes["loader"].calls[0].data == "DATA" and fakes["loader"].calls[0].prepare is None
 
 
+@pytest.mark.slow
 def test_loader_benchmark_reports_rate_cpu_and_ops(cifar_root, tmp_path):
     parser = argparse.ArgumentParser()
     bench.loader.add_arguments(parser)

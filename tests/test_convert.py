@@ -345,15 +345,15 @@ def sample_folder(imagenet_sample: Path, tmp_path: Path) -> Path:
     return source
 
 
-def interrupt_conversion(args: list, layout: Layout, interrupt: Callable[[subprocess.Popen], None]
-                         ) -> subprocess.CompletedProcess:
-    """Run the converter as a process and `interrupt` it once it has written its first shard (the
-    earliest moment: on a loaded machine the rest of a small conversion takes well under a second)."""
+def interrupt_conversion(args: list, layout: Layout, interrupt: Callable[[subprocess.Popen], None],
+                         after_shard: int = 0) -> subprocess.CompletedProcess:
+    """Run the converter as a process and `interrupt` it once it has written shard `after_shard` (as
+    early as the test allows: on a loaded machine the rest of a small conversion takes under a second)."""
     process = subprocess.Popen([sys.executable, REPO / "convert_datasets.py", *map(str, args)], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not Layout.shard(layout.dali_dir("train"), 0)[1].exists() and process.poll() is None:
+        while not Layout.shard(layout.dali_dir("train"), after_shard)[1].exists() and process.poll() is None:
             assert time.monotonic() < deadline, "the conversion did not get going"
             time.sleep(0.005)
         interrupt(process)
@@ -377,7 +377,8 @@ def test_killed_conversion_leaves_nothing_complete_and_resumes_to_identical_outp
     args = ["imagefolder", "--source", sample_folder, "--workers", 2, "--shard-size", 25, "--name", "sample"]
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     layout = Layout(killed / "sample")
-    interrupt_conversion([*args, "--out", killed], layout, lambda process: process.send_signal(signal.SIGKILL))
+    interrupt_conversion([*args, "--out", killed], layout, lambda process: process.send_signal(signal.SIGKILL),
+                         after_shard=1)
 
     # Nothing looks complete: no manifest, no .beton; every shard with an index is intact.
     assert not list(layout.root.rglob("*.beton"))

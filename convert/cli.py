@@ -10,7 +10,7 @@ from typing import Callable
 
 from convert import ConvertError
 from convert.lock import exclusive
-from convert.pipeline import CONVERTER_VERSION, check_existing, convert
+from convert.pipeline import CONVERTER_VERSION, check_existing, convert, is_finished
 from convert.sources import Source, read_source
 from convert.sources.cifar import CIFAR_RELEASES
 from convert.verify import verify
@@ -94,17 +94,21 @@ def conversion_options(args: argparse.Namespace, source: Source) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Convert (or find the finished conversion) and verify, holding the output folder's lock throughout."""
+    """Convert (or find the finished conversion) and verify. Writing holds the output folder's lock; a
+    finished conversion is only read, so one on a read-only mount can still be found and verified."""
     layout = Layout(args.out / args.name)
-    with exclusive(layout):
-        source = read_source(args.dataset, getattr(args, "source", None), getattr(args, "download", False))
-        options = conversion_options(args, source)
-        if check_existing(layout, options, args.overwrite):
-            print(f"{layout.root} is already converted with these options; nothing to do")
-        else:
-            convert(source, layout, options, args.workers)
-        if args.verify:
-            verify(open_dataset(args.out, args.name), source, args.workers)
+    source = read_source(args.dataset, getattr(args, "source", None), getattr(args, "download", False))
+    options = conversion_options(args, source)
+    finished = not args.overwrite and is_finished(layout, options)
+    if not finished:
+        with exclusive(layout):
+            finished = check_existing(layout, options, args.overwrite)  # another run may have finished it
+            if not finished:
+                convert(source, layout, options, args.workers)
+    if finished:
+        print(f"{layout.root} is already converted with these options; nothing to do")
+    if args.verify:
+        verify(open_dataset(args.out, args.name), source, args.workers)
 
 
 def main(argv: list[str] | None = None) -> int:

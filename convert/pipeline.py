@@ -217,6 +217,18 @@ def print_summary(layout: Layout, manifest: dict, encoded: int, seconds: float) 
     print(f"  output: {', '.join(sizes)}")
 
 
+def is_finished(layout: Layout, options: dict) -> bool:
+    """Whether a finished conversion with exactly these options is there, judged by reading alone
+    (no lock, no write: a dataset on a read-only mount can be found finished and verified)."""
+    if not layout.manifest.is_file() or layout.partial.exists():
+        return False
+    try:
+        manifest = json.loads(layout.manifest.read_text())
+        return manifest["options"] == options and all(p.is_file() for p in ConvertedDataset(layout, manifest).files())
+    except (ValueError, KeyError, TypeError):
+        return False  # check_existing, under the lock, says what is wrong
+
+
 def check_existing(layout: Layout, options: dict, overwrite: bool) -> bool:
     """True if a finished conversion with these options is already there. Refuses (naming the
     differences) to touch output written with other options, unless `overwrite`, which deletes it."""

@@ -505,6 +505,24 @@ def test_cifar_download_offline_says_where_to_put_the_files(tmp_path: Path, caps
 # Existing output, formats, loaders.manifest
 
 
+def test_a_finished_conversion_is_found_and_verified_without_the_lock(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished dataset on a read-only mount: the lock file cannot be created there, and need not be."""
+    convert("digits", "--out", tmp_path, "--formats", "dali")
+    capsys.readouterr()
+
+    def unwritable(layout: Layout):
+        raise PermissionError(13, "Permission denied", str(layout.lock))
+
+    monkeypatch.setattr("convert.cli.exclusive", unwritable)
+    convert("digits", "--out", tmp_path, "--formats", "dali", "--verify")
+    assert "nothing to do" in capsys.readouterr().out
+    index = Layout.shard(Layout(tmp_path / "digits").dali_dir("val"), 0)[1]
+    index.unlink()  # unfinished after all: converting needs the lock, and says why it cannot have it
+    assert convert_datasets.main(["digits", "--out", str(tmp_path), "--formats", "dali"]) == 1
+    assert "Permission denied" in capsys.readouterr().err
+
+
 def test_existing_output_with_other_options_is_refused_unless_overwrite(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture) -> None:
     convert("digits", "--out", tmp_path, "--formats", "dali")

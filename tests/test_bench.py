@@ -79,6 +79,7 @@ def test_loader_benchmark_reports_rate_cpu_and_ops(cifar_root, tmp_path):
     assert json.loads((tmp_path / "loader.json").read_text())["results"][0]["backend"] == "torchvision"
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_smoke_mode(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--device", "cpu", "--out", str(tmp_path),
                            "--checks", "loaders,augment_imagenet"], cwd=REPO, capture_output=True, text=True)

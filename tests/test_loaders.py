@@ -16,9 +16,10 @@ from loaders.shards import ShardSamples, open_converted
 from loaders.eval_view import eval_view
 
 BACKENDS = ["memory", "torchvision", "ffcv", "dali"]
-# FFCV compiles its decoding pipeline with numba for every loader (~10 s): its first contract test
-# runs in the fast suite, the rest only in the full one.
-SLOW_HERE = {"ffcv"}
+# FFCV compiles its decoding pipeline with numba for every loader (~10 s) and DALI starts a pipeline
+# and its worker processes (~4 s): their first contract test runs in the fast suite, the rest only
+# in the full one.
+SLOW_HERE = {"ffcv", "dali"}
 REST_OF_CONTRACT = [pytest.param(b, marks=pytest.mark.slow) if b in SLOW_HERE else b for b in BACKENDS]
 BATCH = 32
 

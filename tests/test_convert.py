@@ -377,8 +377,9 @@ def test_killed_conversion_leaves_nothing_complete_and_resumes_to_identical_outp
     args = ["imagefolder", "--source", sample_folder, "--workers", 2, "--shard-size", 25, "--name", "sample"]
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     layout = Layout(killed / "sample")
+    # Killed once shard 2 is written, so shard 1 is surely finished (its record follows its files).
     interrupt_conversion([*args, "--out", killed], layout, lambda process: process.send_signal(signal.SIGKILL),
-                         after_shard=1)
+                         after_shard=2)
 
     # Nothing looks complete: no manifest, no .beton; every shard with an index is intact.
     assert not list(layout.root.rglob("*.beton"))

@@ -12,6 +12,8 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,21 @@ sys.path.insert(0, str(REPO))
 
 from kernels.patchmix import patchmix  # noqa: E402
 from kernels.reference import patchmix_reference  # noqa: E402
+
+
+@contextmanager
+def syncs_raise(on_gpu: bool) -> Iterator[None]:
+    """On a GPU: queued work finished, then any host-device sync inside the block raises
+    (`torch.cuda.set_sync_debug_mode("error")`), the mode restored after. On CPU: nothing."""
+    if not on_gpu:
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def check_kernel(device: str) -> dict:
@@ -119,16 +136,10 @@ def check_step_syncs(device: str, steps: int = 20) -> dict:
     for number in range(3):  # compilation and the optimizer's first step
         step(number)
     agreement.settled(everything=True)
-    if on_gpu:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-    start = time.perf_counter()
-    try:
+    with syncs_raise(on_gpu):
+        start = time.perf_counter()
         for number in range(3, 3 + steps):
             step(number)
-    finally:
-        if on_gpu:
-            torch.cuda.set_sync_debug_mode("default")
     agreement.settled(everything=True)
     return {"arch": arch, "batch": batch, "steady_steps_without_sync": steps,
             "ms_per_step": 1e3 * (time.perf_counter() - start) / steps}
@@ -172,18 +183,12 @@ def check_loaders(device: str, data: Path, batches: int = 20) -> dict:
         if len(warm) != len(loader) or views[0].device.type != device or views[0].shape != (batch_size, 3, 32, 32):
             raise AssertionError(f"{backend}: unexpected batches: {len(warm)} vs {len(loader)}, {views[0].shape}")
         endless = (batch for epoch in range(1, 10 ** 6) for batch in _epoch(loader, epoch))
-        if on_gpu:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        start = time.perf_counter()
-        try:
+        with syncs_raise(on_gpu):
+            start = time.perf_counter()
             for _ in range(batches):
                 last = next(endless)
             if backend == "memory":
                 to_device(torch.arange(batch_size), torch.device(device))
-        finally:
-            if on_gpu:
-                torch.cuda.set_sync_debug_mode("default")
         float(last.views[0].float().sum())  # wait for the device (outside the mode)
         seconds = time.perf_counter() - start
         results[backend] = {"steady_batches_without_sync": batches, "batch": batch_size,
@@ -211,16 +216,10 @@ def check_augment_imagenet(device: str) -> dict:
         return [view(images, draw_params(batch, spec, generator), torch.bfloat16) for spec, images in zip(specs, crops)]
 
     augment_batch()  # compiles
-    if on_gpu:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-    start = time.perf_counter()
-    try:
+    with syncs_raise(on_gpu):
+        start = time.perf_counter()
         for _ in range(repeats):
             out = augment_batch()
-    finally:
-        if on_gpu:
-            torch.cuda.set_sync_debug_mode("default")
     float(out[-1].float().sum())
     return {"batch": batch, "views": len(specs), "ms_per_batch": 1e3 * (time.perf_counter() - start) / repeats}
 

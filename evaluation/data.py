@@ -18,12 +18,12 @@ import torchvision.transforms as T
 from PIL import Image, ImageOps
 from timm.data import auto_augment, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD, eval_view, to_tensor
-from loaders.sampling import epoch_indices, num_batches
-from loaders.seeding import derive_seed, seeded
 from loaders.manifest import ConvertedDataset
+from loaders.sampling import epoch_indices, num_batches
+from loaders.seeded_workers import SeededWorkers
+from loaders.seeding import derive_seed
 from loaders.shards import ShardSamples, open_converted
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -100,49 +100,13 @@ def repeated_indices(num_samples: int, batch_size: int, *, repeats: int, seed: i
     return order.repeat_interleave(repeats)[: len(order)][rank::world_size]
 
 
-class _Transformed(Dataset):
-    """Item `(index, seed)`: the sample's transformed image and its label."""
-
-    def __init__(self, samples: ShardSamples, transform: Transform) -> None:
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = item
-        image, label = self.samples.decode(index)
-        with seeded(seed):
-            return self.transform(image), label
-
-
-class _ProtocolSampler(Sampler):
-    """`(index, per-sample seed)` pairs of this rank for the current epoch."""
-
-    def __init__(self, num_samples: int, batch_size: int, *, train: bool, repeats: int, seed: int, rank: int,
-                 world_size: int) -> None:
-        self.num_samples, self.batch_size, self.train, self.repeats = num_samples, batch_size, train, repeats
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
-
-    def indices(self) -> torch.Tensor:
-        sharding = dict(seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size)
-        if self.repeats > 1:
-            return repeated_indices(self.num_samples, self.batch_size, repeats=self.repeats, **sharding)
-        return epoch_indices(self.num_samples, self.batch_size, train=self.train, **sharding)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter((index, derive_seed(self.seed, self.epoch, self.rank, position))
-                    for position, index in enumerate(self.indices().tolist()))
-
-    def __len__(self) -> int:
-        return len(self.indices())
+def _transformed(image: Image.Image, label: int, index: int, transform: Transform) -> tuple[torch.Tensor, int]:
+    return transform(image), label
 
 
 class ImageLoader:
-    """`(images, labels)` batches of one split for this rank, on `device`.
-
-    The DataLoader draws its worker seeds from a private generator, so iterating never moves the
-    global torch RNG that drop path uses (the transforms are seeded per sample anyway).
+    """`(images, labels)` batches of one split for this rank, on `device`, made in `workers` processes
+    (`loaders.seeded_workers`).
 
     Training (`train=True`): shuffled per `(seed, epoch)`, full batches only, the same number of
     batches on every rank, optionally with `repeats`-fold repeated augmentation. Evaluation: the
@@ -155,12 +119,10 @@ class ImageLoader:
                  repeats: int = 1) -> None:
         if repeats > 1 and not train:
             raise ValueError("repeated augmentation is for training only")
-        self.sampler = _ProtocolSampler(len(samples), batch_size, train=train, repeats=repeats, seed=seed, rank=rank,
-                                   world_size=world_size)
-        self.device = device
-        self.loader = DataLoader(_Transformed(samples, transform), batch_size=batch_size, sampler=self.sampler,
-                                 num_workers=workers, persistent_workers=workers > 0,
-                                 pin_memory=device.type == "cuda", generator=torch.Generator())
+        self.num_samples, self.batch_size, self.train, self.repeats = len(samples), batch_size, train, repeats
+        self.seed, self.rank, self.world_size, self.epoch, self.device = seed, rank, world_size, 0, device
+        self.workers = SeededWorkers(samples, partial(_transformed, transform=transform), batch_size=batch_size,
+                                     workers=workers, device=device)
         self._length = num_batches(len(samples), batch_size, train=train, rank=rank, world_size=world_size)
 
     def __len__(self) -> int:
@@ -168,9 +130,18 @@ class ImageLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Order and augmentations both follow `(seed, epoch)`."""
-        self.sampler.epoch = epoch
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        """This rank's dataset indices of the current epoch, in visiting order."""
+        sharding = dict(seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size)
+        if self.repeats > 1:
+            return repeated_indices(self.num_samples, self.batch_size, repeats=self.repeats, **sharding)
+        return epoch_indices(self.num_samples, self.batch_size, train=self.train, **sharding)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
+        # seeded by position, not index: repeated augmentation visits an index several times
+        pairs = [(index, derive_seed(self.seed, self.epoch, self.rank, position))
+                 for position, index in enumerate(self.indices().tolist())]
+        for images, labels in self.workers.batches(pairs):
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-

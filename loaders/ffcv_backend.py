@@ -133,17 +133,19 @@ class MultiViewRGBImageDecoder(Operation):
 
 
 class _FfcvOrder(TraversalOrder):
-    """FFCV's traversal order: what our loader's next iteration visits (`EpochLoader.order`)."""
+    """FFCV's traversal order: the indices our loader sets before each iteration (`EpochLoader.order`).
+    It holds them rather than the loader, so that the loader is in no reference cycle (see
+    `tests/test_loaders.py::test_a_dropped_loader_is_freed_at_once`)."""
 
-    def __init__(self, loader: EpochLoader) -> None:
-        self.loader = loader
+    def __init__(self, indices: np.ndarray) -> None:
+        self.indices = indices  # FFCV's `len()` reads the first order it is given: epoch 0's
 
     def __call__(self, loader: Loader) -> "_FfcvOrder":
         """FFCV 1.0.2 accepts a custom order only as an instance, which it calls with the loader."""
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        return self.loader.order().numpy()
+        return self.indices
 
 
 def _stop(batches: EpochIterator) -> None:
@@ -171,9 +173,10 @@ class FfcvLoader(EpochLoader):
         else:
             self.specs = [ViewSpec(data.image_size, (1.0, 1.0))]
             self.decoder = MultiViewRGBImageDecoder(self.specs, short_side=eval_resize_length(data.image_size))
+        self.traversal = _FfcvOrder(self.order().numpy())
         threads = min(worker_threads(data.workers), numba.config.NUMBA_NUM_THREADS)  # numba refuses more
         self.loader = Loader(str(dataset.ffcv_file(settings.split)), batch_size=settings.batch_size,
-                             num_workers=threads, order=_FfcvOrder(self), drop_last=settings.train,
+                             num_workers=threads, order=self.traversal, drop_last=settings.train,
                              batches_ahead=BATCHES_AHEAD, seed=settings.seed,
                              pipelines={"image": PipelineSpec("image", decoder=self.decoder),
                                         "label": [IntDecoder()]})
@@ -191,6 +194,7 @@ class FfcvLoader(EpochLoader):
         s = self.settings
         self.decoder.seed_epoch[:] = (s.seed, self.epoch)  # no decoding thread runs between epochs
         self.loader.next_epoch = self.epoch
+        self.traversal.indices = self.order().numpy()
         batches = iter(self.loader)
         try:
             for number, ((pixels, areas), labels) in enumerate(batches):

@@ -8,18 +8,20 @@ and is recorded so that `Batch.params` can report it.
 """
 import random
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from loaders.augment import SOLARIZE_THRESHOLD, ViewSpec
 from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
 from loaders.eval_view import eval_view, to_tensor
-from loaders.seeding import derive_seed, seed_global_rngs
+from loaders.seeded_workers import SeededWorkers
+from loaders.seeding import derive_seed
 from loaders.shards import ShardSamples, open_converted
+
 
 def _chance(p: float) -> bool:
     """torchvision's `RandomApply` coin: `p < torch.rand(1)` means skip."""
@@ -45,37 +47,13 @@ def published_view(image: Image.Image, spec: ViewSpec) -> tuple[torch.Tensor, di
     return to_tensor(image), decisions
 
 
-class _Views(Dataset):
-    """Item `(index, seed)`: the sample's views, label, index and decisions."""
-
-    def __init__(self, samples: ShardSamples, specs: list[ViewSpec], eval_size: int | None) -> None:
-        self.samples, self.specs, self.eval_size = samples, specs, eval_size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        image, label = self.samples.decode(index)
-        if self.eval_size is not None:
-            return [eval_view(image, self.eval_size)], label, index, []
-        seed_global_rngs(seed)
-        views, decisions = zip(*(published_view(image, spec) for spec in self.specs))
-        return list(views), label, index, list(decisions)
+def _training_sample(image: Image.Image, label: int, index: int, specs: list[ViewSpec]) -> tuple:
+    views, decisions = zip(*(published_view(image, spec) for spec in specs))
+    return list(views), label, index, list(decisions)
 
 
-class _EpochSampler(Sampler):
-    """The loader's `(index, per-sample seed)` pairs for its next iteration."""
-
-    def __init__(self, loader: EpochLoader) -> None:
-        self.loader = loader
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        seed, epoch = self.loader.settings.seed, self.loader.epoch
-        return iter((i, derive_seed(seed, epoch, i)) for i in self.loader.order().tolist())
-
-    def __len__(self) -> int:
-        return len(self.loader.order())
+def _eval_sample(image: Image.Image, label: int, index: int, size: int) -> tuple:
+    return [eval_view(image, size)], label, index, []
 
 
 class TorchvisionLoader(EpochLoader):
@@ -86,16 +64,15 @@ class TorchvisionLoader(EpochLoader):
         data = settings.data
         samples = ShardSamples(open_converted(data.root), settings.split)
         super().__init__(settings, len(samples))
-        self.loader = DataLoader(
-            _Views(samples, settings.views(), None if settings.train else data.image_size),
-            batch_size=settings.batch_size, sampler=_EpochSampler(self), drop_last=settings.train,
-            num_workers=worker_threads(data.workers), persistent_workers=True,
-            pin_memory=settings.device.type == "cuda",
-        )
+        make = (partial(_training_sample, specs=settings.views()) if settings.train
+                else partial(_eval_sample, size=data.image_size))
+        self.workers = SeededWorkers(samples, make, batch_size=settings.batch_size, drop_last=settings.train,
+                                     workers=worker_threads(data.workers), device=settings.device)
 
     def __iter__(self) -> Iterator[Batch]:
         s = self.settings
-        for views, labels, indices, decisions in self.loader:
+        pairs = [(i, derive_seed(s.seed, self.epoch, i)) for i in self.order().tolist()]
+        for views, labels, indices, decisions in self.workers.batches(pairs):
             yield Batch(views=[v.to(s.device, s.dtype, non_blocking=True) for v in views],
                         labels=labels.to(s.device, non_blocking=True),
                         indices=indices.to(s.device, non_blocking=True),

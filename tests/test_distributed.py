@@ -1,6 +1,7 @@
 """The training step under DDP on 2 gloo processes: global BatchNorm equals BatchNorm on the
 concatenated batch; the compiled step is one graph (no graph break) with the eager step's loss and
 gradients; bf16 gradient compression; ranks agree on stopping and on non-finite losses."""
+import gc
 import json
 import os
 import socket
@@ -35,6 +36,7 @@ def _rank_main(rank: int, fn, port: int, out: str, args: tuple) -> None:
     try:
         result = fn(rank, *args)
     finally:
+        gc.collect()  # the rank's dropped DDP models (and their reducers) go before the group they use
         dist.destroy_process_group()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
 

@@ -1,7 +1,9 @@
 """The loader contract, checked the same way for every backend on real converted CIFAR-10 images,
 and the recipe's augmentation statistics of each backend against the torchvision reference."""
+import gc
 import importlib
 import math
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -104,6 +106,24 @@ def test_eval_sees_every_sample_once_and_matches_torchvision(backend, cifar_root
             assert batch.labels.tolist() == [samples.read(i)[1] for i in batch.indices.tolist()]
             seen += batch.indices.tolist()
     assert sorted(seen) == list(range(50))
+
+
+@pytest.mark.parametrize("backend", REST_OF_CONTRACT)
+def test_a_dropped_loader_is_freed_at_once(backend, cifar_root):
+    """No reference cycle keeps a loader (and its workers or threads) alive once dropped mid-epoch.
+    A DataLoader left to the cycle collector has its queues closed before its workers are told to
+    stop, and each worker then costs DataLoader's 5-second join timeout."""
+    require_backend(backend)
+    loader = build_loader(data_config(cifar_root, backend), split="train", train=True, batch_size=BATCH)
+    batches = iter(loader)
+    next(batches)
+    freed = weakref.ref(loader)
+    gc.disable()
+    try:
+        del loader, batches
+        assert freed() is None, gc.get_referrers(freed())
+    finally:
+        gc.enable()
 
 
 def collect(backend: str, root: str, epochs: int) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:

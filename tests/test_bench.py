@@ -100,3 +100,15 @@ def test_gpu_check_rejects_an_unknown_check(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--device", "cpu", "--out", str(tmp_path),
                            "--checks", "nope"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 1 and "unknown checks ['nope']" in done.stderr
+
+
+def test_gpu_check_reports_the_augmentation_share_of_a_step_of_the_same_batch():
+    from bench.gpu_check import _augment_share
+
+    results = {"step_syncs": {"ok": True, "batch": 128, "ms_per_step": 200.0},
+               "augment_imagenet": {"ok": True, "batch": 128, "ms_per_batch": 15.0}}
+    _augment_share(results)
+    assert results["augment_imagenet"]["share_of_vit_s_step"] == 0.075
+    results["augment_imagenet"] = {"ok": True, "batch": 2, "ms_per_batch": 15.0}  # CPU smoke sizes differ
+    _augment_share(results)
+    assert "share_of_vit_s_step" not in results["augment_imagenet"]

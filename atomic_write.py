@@ -3,6 +3,7 @@
     with atomic_path(path) as tmp:       # streamed writes, by any writer that takes a path
         tarfile.open(tmp, "w") ...       # (tarfile, FFCV's DatasetWriter, torch.save, safetensors)
     write_atomic(path, b"bytes" or "text")
+    write_json(path, {"any": "JSON-able data"})
 
 The data goes to a temporary file with a unique name in the same folder (so the rename cannot cross
 file systems and two writers never share one), is flushed to disk, renamed over `path`, and the
@@ -14,10 +15,11 @@ owns the folder to delete them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 TMP_SUFFIX = ".tmp"
 
@@ -68,3 +70,10 @@ def write_atomic(path: Path | str, data: bytes | str) -> None:
     """Replace `path` by `data` (text is written as UTF-8), atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """Write `data` as indented JSON to `path` (its folders made first), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 from pathlib import Path
 
 BENCHMARKS = {
@@ -55,7 +54,7 @@ def main() -> None:
 def run_all(modules: dict, data: str | None, json_path: str | None) -> dict:
     """Every run of `ALL_RUNS` in turn, each also written to bench-results/all/NAME.json; one record
     `{"benchmark": "all", "runs": {name: record}}`."""
-    from bench.harness import environment, write_json
+    from bench.harness import environment, save_record
     from bench.loader import prepare
 
     cifar10 = data or str(prepare("cifar10", Path("bench-results/data"), replicate=1))
@@ -70,11 +69,10 @@ def run_all(modules: dict, data: str | None, json_path: str | None) -> dict:
             at = argv.index("--prepare")
             argv[at:at + 2] = ["--data", data]
         own_json = Path("bench-results/all") / f"{name}.json"
-        modules[benchmark].run(parser.parse_args(argv + ["--json", str(own_json)]))
-        runs[name] = json.loads(own_json.read_text())
+        runs[name] = modules[benchmark].run(parser.parse_args(argv + ["--json", str(own_json)]))
     record = {"benchmark": "all", "environment": environment(), "runs": runs}
     if json_path:
-        write_json(record, json_path)
+        save_record(record, json_path)
     return record
 
 

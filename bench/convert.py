@@ -58,7 +58,7 @@ def pil_loop(files: list[Path], max_resolution: int, jpeg_quality: int) -> None:
         image.save(io.BytesIO(), "JPEG", quality=jpeg_quality)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> dict:
     from convert.cli import main as convert_main
 
     if not args.data.is_file():
@@ -87,5 +87,5 @@ def run(args: argparse.Namespace) -> None:
     settings = {"data": str(args.data), "images": len(files), "workers": args.workers,
                 "max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality,
                 "warmup": args.warmup, "repeats": args.repeats}
-    report("convert", settings, results, ["method", "images", "median_s", "min_s", "max_s", "images_per_s", "speedup"],
-           args.json)
+    return report("convert", settings, results,
+                  ["method", "images", "median_s", "min_s", "max_s", "images_per_s", "speedup"], args.json)

@@ -23,6 +23,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from atomic_write import write_atomic  # noqa: E402
+from bench.harness import endless, synchronize  # noqa: E402
 from kernels.patchmix import patchmix  # noqa: E402
 from kernels.reference import patchmix_reference  # noqa: E402
 
@@ -142,19 +144,14 @@ def check_step_syncs(device: str, steps: int = 20, timed_steps: int = 10) -> dic
     with syncs_raise(on_gpu):
         run(3, steps)
     agreement.settled(everything=True)
-    _synchronize(on_gpu)
+    synchronize(device)
     start = time.perf_counter()
     run(3 + steps, timed_steps)
     agreement.settled(everything=True)
-    _synchronize(on_gpu)
+    synchronize(device)
     ms_per_step = 1e3 * (time.perf_counter() - start) / timed_steps
     return {"arch": arch, "batch": batch, "steady_steps_without_sync": steps, "ms_per_step": ms_per_step,
             "images_per_s": batch / ms_per_step * 1e3}
-
-
-def _synchronize(on_gpu: bool) -> None:
-    if on_gpu:
-        torch.cuda.synchronize()
 
 
 def tiny_dataset(root: Path, count: int) -> Path:
@@ -194,18 +191,18 @@ def check_loaders(device: str, data: Path, batches: int = 20) -> dict:
         views = warm[0].views
         if len(warm) != len(loader) or views[0].device.type != device or views[0].shape != (batch_size, 3, 32, 32):
             raise AssertionError(f"{backend}: unexpected batches: {len(warm)} vs {len(loader)}, {views[0].shape}")
-        endless = (batch for epoch in range(1, 10 ** 6) for batch in _epoch(loader, epoch))
+        steady = endless(loader, first_epoch=1)
         with syncs_raise(on_gpu):
             start = time.perf_counter()
             for _ in range(batches):
-                last = next(endless)
+                last = next(steady)
             if backend == "memory":
                 to_device(torch.arange(batch_size), torch.device(device))
         float(last.views[0].float().sum())  # wait for the device (outside the mode)
         seconds = time.perf_counter() - start
         results[backend] = {"steady_batches_without_sync": batches, "batch": batch_size,
                             "two_view_images_per_s": batches * batch_size / seconds}
-        del endless, loader
+        del steady, loader
     return results
 
 
@@ -236,11 +233,6 @@ def check_augment_imagenet(device: str) -> dict:
     return {"batch": batch, "views": len(specs), "ms_per_batch": 1e3 * (time.perf_counter() - start) / repeats}
 
 
-def _epoch(loader, epoch: int):
-    loader.set_epoch(epoch)
-    yield from loader
-
-
 def _augment_share(results: dict) -> None:
     """`augment_imagenet`'s batch time as a share of the same batch's ViT-S step (`step_syncs`), when
     both ran on the same batch size (on a GPU: 128). Issue 12's goal is at most 10 %."""
@@ -257,7 +249,6 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = tiny_dataset(out / "data", 2048 if args.device == "cuda" else 128)
     checks = {"kernel": lambda: check_kernel(args.device), "compile": lambda: check_compile(args.device),
               "training": lambda: check_training(args.device),
               "step_syncs": lambda: check_step_syncs(args.device),
@@ -271,6 +262,8 @@ def main() -> int:
             print(f"gpu_check: unknown checks {sorted(unknown)}; choose from {sorted(checks)}", file=sys.stderr)
             return 1
         checks = {name: check for name, check in checks.items() if name in args.checks.split(",")}
+    # Made whatever checks run: gpu_check.sh's loader benchmark reads it even if this run is cut short.
+    data = tiny_dataset(out / "data", 2048 if args.device == "cuda" else 128)
     results = {}
     for name, check in checks.items():
         start = time.perf_counter()
@@ -283,9 +276,9 @@ def main() -> int:
         outcome = "PASS" if results[name]["ok"] else f"FAIL: {results[name]['error']}"
         print(f"{name} ({results[name]['seconds']:.1f} s): {outcome}", flush=True)
         # Written after every check, so a run cut short by a time limit still reports what it did.
-        (out / "checks.json").write_text(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda"
-                                                     else "cpu", "torch": torch.__version__, "checks": results},
-                                                    indent=2))
+        write_atomic(out / "checks.json", json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda"
+                                                      else "cpu", "torch": torch.__version__, "checks": results},
+                                                     indent=2))
     print(f"data for the loader benchmark: {data}")
     return 0 if all(r["ok"] for r in results.values()) else 1
 

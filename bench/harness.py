@@ -3,15 +3,15 @@ a printed table and one JSON schema (`{"benchmark", "date", "environment", "sett
 from __future__ import annotations
 
 import datetime
-import json
+import itertools
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from atomic_write import write_atomic
+from atomic_write import write_json
 
 
 def synchronize(device: str | None = None) -> None:
@@ -20,6 +20,14 @@ def synchronize(device: str | None = None) -> None:
 
     if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def endless(loader, first_epoch: int = 0, batches: Callable[[Any], Iterable] = iter) -> Iterator:
+    """`batches(loader)` epoch after epoch from `first_epoch` on, each after `loader.set_epoch(epoch)`
+    (a benchmark's steady state: batches never run out)."""
+    for epoch in itertools.count(first_epoch):
+        loader.set_epoch(epoch)
+        yield from batches(loader)
 
 
 def measure(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 10, device: str | None = None) -> dict:
@@ -92,13 +100,11 @@ def report(benchmark: str, settings: dict, results: list[dict], columns: Sequenc
     }
     print_table(results, columns)
     if json_path:
-        write_json(record, json_path)
+        save_record(record, json_path)
     return record
 
 
-def write_json(record: dict, json_path: str) -> None:
-    """Write `record` to `json_path` atomically (parents created)."""
-    path = Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(record, indent=2))
-    print(f"wrote {path}")
+def save_record(record: dict, json_path: str) -> None:
+    """Write `record` to `json_path` (`atomic_write.write_json`) and say where."""
+    write_json(json_path, record)
+    print(f"wrote {json_path}")

@@ -5,7 +5,7 @@ CPU-seconds per image (this process's CPU time, all its threads, plus its worker
 over the timed batches: what a node must provision per GPU); aten ops and sync-prone ops of one
 steady-state batch (`bench.dispatch.OpCounter`; eager views only, as dynamo refuses dispatch
 modes: on CUDA pass `--eager-views` to count); for DALI the operators per iteration of its CUDA pipeline on each device
-(`loaders.dali_backend.operator_counts`, when it exists).
+(`loaders.dali_backend.operator_counts`).
 
 `--host` also times the host stages alone, on the same files and threads: raw libjpeg-turbo
 decoding (FFCV's `imdecode`, every image once), ffcv's host stage (decode once + every view's
@@ -19,8 +19,6 @@ import argparse
 import io
 import itertools
 import tarfile
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -28,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 
 import convert_datasets
 from bench.dispatch import OpCounter
-from bench.harness import measure, report
+from bench.harness import endless, measure, report
 from configs.schema import DataConfig
 from loaders.builder import LoaderSettings, build_loader
 from loaders.device import compile_setting
@@ -87,12 +87,6 @@ def prepare(kind: str, cache: Path, replicate: int) -> Path:
     return root
 
 
-def endless(loader) -> Iterator:
-    for epoch in itertools.count():
-        loader.set_epoch(epoch)
-        yield from loader
-
-
 def cpu_seconds(process: psutil.Process) -> dict[int, float]:
     """CPU seconds so far of `process` (all its threads) and of each of its live child processes."""
     times = {process.pid: sum(process.cpu_times()[:2])}
@@ -118,12 +112,10 @@ def timed(next_batch, batches: int, images_per_batch: int, device: str, warmup: 
             "median_batch_ms": 1e3 * timing["median_s"]}
 
 
-def dali_operators(data: DataConfig, batch: int) -> dict[str, int] | str:
-    """DALI's operators per iteration of the CUDA pipeline by device, or 'n/a' without that function."""
-    try:
-        from loaders.dali_backend import operator_counts
-    except ImportError:
-        return "n/a"
+def dali_operators(data: DataConfig, batch: int) -> dict[str, int]:
+    """DALI's operators per iteration of the CUDA pipeline by device."""
+    from loaders.dali_backend import operator_counts
+
     return operator_counts(LoaderSettings(data=replace(data, backend="dali"), split="train", train=True,
                                           batch_size=batch, device=torch.device("cuda"), dtype=torch.bfloat16))
 
@@ -185,7 +177,7 @@ def host_stages(data: DataConfig, args: argparse.Namespace) -> list[dict]:
     encoded = [samples.read(i)[0] for i in range(count)]
     settings = LoaderSettings(data=replace(data, backend="ffcv"), split="train", train=True, batch_size=args.batch)
     ffcv = FfcvLoader(settings)
-    host = (batch for epoch in itertools.count() for batch in _epoch_host(ffcv, epoch))
+    host = endless(ffcv, batches=FfcvLoader.host_batches)
     specs = settings.views()
     rows = [{"backend": "raw decode (libjpeg-turbo)", **raw_decode(encoded, args.workers)},
             {"backend": "ffcv host stage", **timed(lambda: next(host), args.batches, args.batch, "cpu", args.warmup)},
@@ -194,11 +186,6 @@ def host_stages(data: DataConfig, args: argparse.Namespace) -> list[dict]:
         row["vs_raw_decode"] = row["images_per_s"] / rows[0]["images_per_s"]
         row["vs_torchvision_host"] = row["images_per_s"] / rows[2]["images_per_s"]
     return rows
-
-
-def _epoch_host(loader, epoch: int) -> Iterator:
-    loader.set_epoch(epoch)
-    yield from loader.host_batches()
 
 
 def raw_decode(encoded: list[bytes], workers: int) -> dict:
@@ -217,31 +204,23 @@ def raw_decode(encoded: list[bytes], workers: int) -> dict:
         def run_all() -> None:
             list(pool.map(decode, range(len(encoded))))
 
-        run_all()  # warm-up
-        process = psutil.Process()
-        before, start = cpu_seconds(process), time.perf_counter()
-        run_all()
-        seconds, after = time.perf_counter() - start, cpu_seconds(process)
-    cpu = sum(t - before.get(pid, 0.0) for pid, t in after.items())
-    return {"images_per_s": len(encoded) / seconds, "cpu_s_per_image": cpu / len(encoded)}
+        return timed(run_all, 1, len(encoded), "cpu", warmup=1)
 
 
 class _DecodeAndCrop(torch.utils.data.Dataset):
     """torchvision's host stage: PIL decode, then each view's RandomResizedCrop (bicubic), as uint8."""
 
     def __init__(self, samples: ShardSamples, specs: list) -> None:
-        self.samples, self.specs = samples, specs
+        self.samples = samples
+        self.crops = [T.RandomResizedCrop(spec.size, spec.scale, spec.ratio, T.InterpolationMode.BICUBIC)
+                      for spec in specs]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> list[torch.Tensor]:
-        import torchvision.transforms as T
-        import torchvision.transforms.functional as TF
-
         image, _ = self.samples.decode(index)
-        return [TF.pil_to_tensor(T.RandomResizedCrop(spec.size, spec.scale, spec.ratio,
-                                                     T.InterpolationMode.BICUBIC)(image)) for spec in self.specs]
+        return [TF.pil_to_tensor(crop(image)) for crop in self.crops]
 
 
 def torchvision_host(samples: ShardSamples, specs: list, args: argparse.Namespace) -> dict:

@@ -25,13 +25,13 @@ from typing import Any, Callable, Iterable, Iterator
 import PIL
 from tqdm import tqdm
 
-from atomic_write import is_temporary
+from atomic_write import is_temporary, write_json
 from convert import ConvertError
 from convert.encode import RAW_MAX_SIDE, convert_chunk
 from convert.sources import Sample, Source
 from convert.writers import beton_count, file_sha256, finished_shard, write_beton, write_shard
 from loaders.manifest import (IMAGE_EXT, LABEL_EXT, MANIFEST_VERSION, SPLITS, WDS_INDEX_VERSION, ConvertedDataset,
-                              Layout, write_json)
+                              Layout)
 
 # Bumped whenever a change to the converter changes the bytes written: older outputs then need --overwrite.
 # 2: 16-bit, float and transparent images converted to RGB properly; SHA-256 of every file in the manifest.
@@ -153,7 +153,7 @@ def convert(source: Source, layout: Layout, options: dict, workers: int) -> None
     if "ffcv" in formats:
         for split, result in results.items():
             if beton_count(layout.ffcv(split)) != len(result.keys):  # else: an earlier run finished it
-                write_beton(layout.ffcv(split), result.shards, len(result.keys))
+                write_beton(layout.ffcv(split), result.shards)
             sha256[layout.ffcv(split)] = file_sha256(layout.ffcv(split))
     manifest = build_manifest(source, layout, options, results, sha256)
     write_json(layout.manifest, manifest)

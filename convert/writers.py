@@ -112,7 +112,7 @@ class EncodedImage:
         storage[:] = np.frombuffer(payload, np.uint8)
 
 
-def write_beton(path: Path, shards: list[tuple[Path, Path]], count: int) -> None:
+def write_beton(path: Path, shards: list[tuple[Path, Path]]) -> None:
     """Pack the samples of `shards` (tar, index; at least one), in order, into an FFCV .beton with fields `image` and `label`.
     Uses FFCV's own writer pieces, but in this process, so the file is written in one deterministic pass
     from bytes already encoded (FFCV's DatasetWriter would re-encode in subprocesses)."""
@@ -121,6 +121,7 @@ def write_beton(path: Path, shards: list[tuple[Path, Path]], count: int) -> None
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter, handle_sample
 
     samples = ShardSamples.of_files(*zip(*shards))
+    count = len(samples)
     largest = max(part.size for entries in samples.entries for sample in entries for part in sample)
     page_size = max(4 * MIN_PAGE_SIZE, 1 << (largest - 1).bit_length())  # FFCV's default, or what fits
     path.parent.mkdir(parents=True, exist_ok=True)

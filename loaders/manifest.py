@@ -8,7 +8,7 @@
     dali/{train,val}/shard-NNNNN.tar       WebDataset shards: <key>.jpg or <key>.png, and <key>.cls
     dali/{train,val}/shard-NNNNN.idx       their index files for DALI's fn.readers.webdataset
 
-Loaders call `open_dataset(out, name)`; the converter uses `Layout`, `write_json` and the index-file
+Loaders call `open_dataset(out, name)`; the converter uses `Layout` and the index-file
 helpers, so both sides agree on every path and on the DALI index format.
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from atomic_write import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -89,12 +88,6 @@ class Layout:
         """The tar file and DALI index file of shard `number` in `directory`."""
         stem = directory / f"shard-{number:05d}"
         return stem.with_suffix(".tar"), stem.with_suffix(".idx")
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write `data` as indented JSON, atomically (the manifest, the converter's progress records)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def format_wds_index(samples: list[list[IndexEntry]]) -> str:

@@ -20,9 +20,10 @@ import pytest
 from PIL import Image
 
 import convert_datasets
+from atomic_write import write_json
 from convert.sources.cifar import CIFAR_RELEASES
 from convert.writers import write_shard
-from loaders.manifest import DatasetNotFoundError, Layout, open_dataset, parse_wds_index, write_json
+from loaders.manifest import DatasetNotFoundError, Layout, open_dataset, parse_wds_index
 from loaders.shards import ShardSamples, open_converted
 
 REPO = Path(__file__).resolve().parents[1]

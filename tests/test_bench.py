@@ -73,20 +73,19 @@ def test_loader_benchmark_reports_rate_cpu_and_ops(cifar_root, tmp_path):
     for backend in ("torchvision", "memory"):
         assert rows[backend]["images_per_s"] > 0 and rows[backend]["cpu_s_per_image"] > 0
     assert rows["memory"]["aten_ops_per_batch"] > 500 and rows["memory"]["sync_prone_per_batch"] == 0
-    if rows["dali"]["images_per_s"] is not None:  # DALI installed: its operator counts, or n/a
+    if rows["dali"]["images_per_s"] is not None:  # DALI installed: its operator counts
         counts = rows["dali"]["dali_operators"]
-        assert counts == "n/a" or set(counts) >= {"cpu", "gpu"}
+        assert set(counts) >= {"cpu", "gpu"}
     assert json.loads((tmp_path / "loader.json").read_text())["results"][0]["backend"] == "torchvision"
 
 
 @pytest.mark.slow
 def test_gpu_check_cpu_smoke_mode(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--device", "cpu", "--out", str(tmp_path),
-                           "--checks", "loaders,augment_imagenet"], cwd=REPO, capture_output=True, text=True)
+                           "--checks", "augment_imagenet"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     checks = json.loads((tmp_path / "checks.json").read_text())["checks"]
-    assert set(checks) == {"loaders", "augment_imagenet"} and all(c["ok"] for c in checks.values())
-    assert set(checks["loaders"]) >= {"memory", "torchvision"}
+    assert set(checks) == {"augment_imagenet"} and checks["augment_imagenet"]["ok"]
 
 
 @pytest.mark.slow
@@ -94,6 +93,9 @@ def test_gpu_check_cpu_smoke_mode_every_check(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--device", "cpu", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    checks = json.loads((tmp_path / "checks.json").read_text())["checks"]
+    assert all(c["ok"] for c in checks.values())
+    assert set(checks["loaders"]) >= {"memory", "torchvision"}
 
 
 def test_gpu_check_rejects_an_unknown_check(tmp_path):

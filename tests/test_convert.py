@@ -23,12 +23,13 @@ import pytest
 from PIL import Image
 
 import convert_datasets
+from atomic_write import write_json
 from convert.sources.cifar import CIFAR_RELEASES
 from convert.sources.digits import read_digits
 from convert.sources.imagenet import read_imagenet
 from convert.verify import read_dali, read_ffcv
 from loaders.manifest import (ConvertedDataset, DatasetNotFoundError, IndexEntry, Layout, format_wds_index,
-                              open_dataset, parse_wds_index, write_json)
+                              open_dataset, parse_wds_index)
 from loaders.shards import ShardSamples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -520,8 +521,7 @@ def test_a_finished_conversion_is_found_and_verified_without_the_lock(tmp_path: 
     assert "nothing to do" in capsys.readouterr().out
     index = Layout.shard(Layout(tmp_path / "digits").dali_dir("val"), 0)[1]
     index.unlink()  # unfinished after all: converting needs the lock, and says why it cannot have it
-    assert convert_datasets.main(["digits", "--out", str(tmp_path), "--formats", "dali"]) == 1
-    assert "Permission denied" in capsys.readouterr().err
+    assert "Permission denied" in convert_error(capsys, "digits", "--out", tmp_path, "--formats", "dali")
 
 
 def test_existing_output_with_other_options_is_refused_unless_overwrite(tmp_path: Path,

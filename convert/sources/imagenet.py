@@ -26,9 +26,10 @@ def read_imagenet(source: Path) -> Source:
                            f"{IMAGENET_KAGGLE_ROOT}/train and val)")
     classes, train = class_folder_samples(root / "train", root, None)
     val_dir = root / "val"
-    if not visible_entries(val_dir):
+    val_entries = visible_entries(val_dir)
+    if not val_entries:
         raise ConvertError(f"{val_dir} is empty")
-    if any(p.is_dir() for p in visible_entries(val_dir)):
+    if any(p.is_dir() for p in val_entries):
         _, val = class_folder_samples(val_dir, root, classes)
     else:
         truth, truth_file = imagenet_val_truth([source, root, val_dir])

@@ -23,16 +23,14 @@ import torch
 
 from atomic_write import atomic_path
 from configs.schema import ConfigError, load_config
-from evaluation.data import open_splits
 from evaluation.knn import KnnConfig, extract_features, knn_classify
 from evaluation.protocol import ProtocolError
+from evaluation.published import RESULTS_FILE, dataset_key
 from evaluation.weights import EncoderSpec, export_encoder, load_encoder
 from loaders.builder import build_loader
 from loaders.manifest import DatasetNotFoundError
+from loaders.shards import open_converted
 from trainer.distributed import init_process
-
-RESULTS_FILE = "eval_results.jsonl"
-
 
 def config_from_checkpoint(extra: dict) -> list[str]:
     """Overrides that point an evaluation at the dataset and input size the encoder was trained on."""
@@ -55,7 +53,7 @@ def load_protocol_config(args: argparse.Namespace, schema: type, extra: dict):
 
 def describe(spec: EncoderSpec, root: str) -> dict:
     """What a result row says about the model and the data (`eval.py report` matches on these)."""
-    return {"arch": spec.arch, "patch_size": spec.patch_size, "dataset": Path(root).name}
+    return {"arch": spec.arch, "patch_size": spec.patch_size, "dataset": dataset_key(root)}
 
 
 def results_path(weights: str) -> Path:
@@ -115,7 +113,7 @@ def run_knn(args: argparse.Namespace) -> None:
     encoder, spec, extra = load_encoder(args.weights, random_init=args.random_init)
     results = results_path(args.weights)
     config: KnnConfig = load_protocol_config(args, KnnConfig, extra)
-    dataset = open_splits(config.data.root, config.data.train_split, config.data.val_split)
+    dataset = open_converted(config.data.root, config.data.train_split, config.data.val_split)
     process = init_process()
     runs = [(args.random_init, encoder)]
     if args.compare_random and not args.random_init:

@@ -55,11 +55,9 @@ def check_setup(config: Config, process: Process) -> ConvertedDataset:
     if config.batch_size % process.world_size:
         raise TrainingError(f"batch_size={config.batch_size} is not divisible by the world size "
                             f"{process.world_size}: pick a multiple of {process.world_size}")
-    dataset = open_converted(config.data.root)  # a missing dataset says which command converts it
-    for split in (config.data.train_split, *([config.data.val_split] if config.knn_every else [])):
-        if split not in dataset.manifest["splits"]:
-            raise TrainingError(f"{config.data.root} has no split {split!r} (it has "
-                                f"{', '.join(dataset.manifest['splits'])}): set data.train_split / data.val_split")
+    # a missing dataset says which command converts it, a missing split which key to set
+    dataset = open_converted(config.data.root, config.data.train_split,
+                             *([config.data.val_split] if config.knn_every else []))
     count = dataset.count(config.data.train_split)
     if count < config.batch_size:
         raise TrainingError(f"the {config.data.train_split} split of {config.data.root} has {count} images, fewer "

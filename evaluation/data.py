@@ -20,24 +20,12 @@ from timm.data import auto_augment, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD, eval_view, to_tensor
-from loaders.manifest import ConvertedDataset
 from loaders.sampling import epoch_indices, num_batches
 from loaders.seeded_workers import SeededWorkers
 from loaders.seeding import derive_seed
-from loaders.shards import ShardSamples, open_converted
+from loaders.shards import ShardSamples
 
 Transform = Callable[[Image.Image], torch.Tensor]
-
-
-def open_splits(root: str, *splits: str) -> ConvertedDataset:
-    """The converted dataset at `root`, checked to hold each of `splits` (a one-line `ValueError` names the
-    missing one and the splits there are; the loaders' own error would come later, mid-run)."""
-    dataset = open_converted(root)
-    for split in splits:
-        if split not in dataset.manifest["splits"]:
-            raise ValueError(f"{root} has no split {split!r} (it has {', '.join(dataset.manifest['splits'])}): "
-                             f"set data.train_split / data.val_split to one of those")
-    return dataset
 
 
 def linear_train_transform(size: int) -> Transform:

@@ -23,11 +23,11 @@ from torch import nn
 from tqdm import tqdm
 
 from configs.schema import as_dict, to_yaml
-from evaluation.data import ImageLoader, Transform, eval_transform, open_splits
+from evaluation.data import ImageLoader, Transform, eval_transform
 from evaluation.protocol_config import FinetuneConfig, LinearConfig, check_protocol_config
 from evaluation.weights import EncoderSpec, load_encoder
 from loaders.seeding import derive_seed, seed_global_rngs
-from loaders.shards import ShardSamples
+from loaders.shards import ShardSamples, open_converted
 from model.vit import ViT
 from trainer import checkpoint
 from trainer.distributed import Process, init_process, mean_across_ranks
@@ -93,7 +93,7 @@ def prepare(config: ProtocolConfig, weights: str, random_init: bool, process: Pr
     image_size = config.data.image_size or spec.img_size
     if image_size % spec.patch_size:
         raise ProtocolError(f"data.image_size={image_size} is not a multiple of the patch size {spec.patch_size}")
-    dataset = open_splits(config.data.root, config.data.train_split, config.data.val_split)
+    dataset = open_converted(config.data.root, config.data.train_split, config.data.val_split)
     return Setup(process=process, encoder=encoder, spec=spec, image_size=image_size, num_classes=len(dataset.classes),
                  batch_size=config.batch_size // process.world_size,
                  train_samples=ShardSamples(dataset, config.data.train_split),

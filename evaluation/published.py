@@ -3,7 +3,10 @@
 Keyed by `(dataset, arch, patch_size)`, the dataset being the converted folder's name (as
 `eval_results.jsonl` rows and training configs' `data.root` give it).
 """
+from pathlib import Path
+
 PROTOCOLS = ("knn", "linear", "finetune")
+RESULTS_FILE = "eval_results.jsonl"  # eval.py's result rows, next to the weights (in the run folder)
 
 # (dataset, arch, patch) -> pre-training epochs and top-1 % per protocol.
 PUBLISHED: dict[tuple[str, str, int], dict[str, float]] = {
@@ -22,3 +25,8 @@ def published(dataset: str, arch: str, patch_size: int, protocol: str) -> float 
     """The paper's top-1 for this model, dataset and protocol (or its pre-training epochs for
     `protocol="pretrain_epochs"`), or None when it publishes none."""
     return PUBLISHED.get((dataset, arch, patch_size), {}).get(protocol)
+
+
+def dataset_key(root: str | Path) -> str:
+    """The dataset a converted folder (`data.root`) holds, as results and `PUBLISHED` name it: its name."""
+    return Path(root).name

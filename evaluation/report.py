@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from atomic_write import atomic_path, write_atomic
-from evaluation.published import PROTOCOLS, published
+from evaluation.published import PROTOCOLS, RESULTS_FILE, dataset_key, published
 
 KNN_K = 20  # the kNN row set against the paper; the best k is shown too
 LABELS = {"knn": "kNN", "linear": "linear", "finetune": "fine-tune"}
@@ -64,13 +64,13 @@ def read_run(path: Path) -> RunData:
         raise ReportError(f"{path} is not a pre-training run folder (no config.yaml): pass train.py's output_dir")
     try:
         config = yaml.safe_load(config_path.read_text())
-        described = dict(dataset=Path(config["data"]["root"]).name, arch=config["model"]["arch"],
+        described = dict(dataset=dataset_key(config["data"]["root"]), arch=config["model"]["arch"],
                          patch_size=int(config["model"]["patch_size"]), epochs=int(config["epochs"]))
     except (yaml.YAMLError, LookupError, TypeError, ValueError):
         raise ReportError(f"{config_path} is not a training config train.py wrote (data.root, model.arch, "
                           f"model.patch_size, epochs): pass train.py's output_dir") from None
     return RunData(path=path, **described, log=read_jsonl(path / "log.jsonl"),
-                   results=read_jsonl(path / "eval_results.jsonl"))
+                   results=read_jsonl(path / RESULTS_FILE))
 
 
 def latest(rows: list[dict], protocol: str, random_init: bool) -> list[dict]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs.schema import ConfigError, load_config
+from evaluation.published import dataset_key
+from trainer.checkpoint import LAST
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_CONFIGS = REPO / "configs" / "eval"
@@ -40,7 +42,7 @@ class Stage:
 def plan(config_path: str, overrides: list[str], nproc: int) -> list[Stage]:
     """The stages for a pre-training config, with the eval YAMLs matching its dataset and architecture."""
     config = load_config(config_path, overrides)
-    dataset, arch = Path(config.data.root).name, config.model.arch
+    dataset, arch = dataset_key(config.data.root), config.model.arch
     evals = {"knn": EVAL_CONFIGS / f"knn_{dataset}.yaml", "linear": EVAL_CONFIGS / f"linear_{arch}_{dataset}.yaml",
              "finetune": EVAL_CONFIGS / f"finetune_{arch}_{dataset}.yaml"}
     missing = [str(path.relative_to(REPO)) for path in evals.values() if not path.is_file()]
@@ -48,7 +50,7 @@ def plan(config_path: str, overrides: list[str], nproc: int) -> list[Stage]:
         raise ConfigError(f"no published evaluation config for {arch} on {dataset} ({', '.join(missing)} missing): "
                           f"reproduce runs the published settings only (docs/method.md §8)")
     run = Path(config.output_dir)
-    weights = str(run / "last.pt")
+    weights = str(run / LAST)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     data = [f"data.root={config.data.root}"]
 

@@ -15,15 +15,22 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from loaders.manifest import IMAGE_EXT, LABEL_EXT, ConvertedDataset, open_dataset, parse_wds_index
+from loaders.manifest import IMAGE_EXT, LABEL_EXT, ConvertedDataset, DatasetNotFoundError, open_dataset, parse_wds_index
 
 IMAGE_EXTS = tuple(IMAGE_EXT.split(";"))
 
 
-def open_converted(root: str | Path) -> ConvertedDataset:
-    """The converted dataset at `root` (= OUT/NAME, the folder holding manifest.json)."""
+def open_converted(root: str | Path, *splits: str) -> ConvertedDataset:
+    """The converted dataset at `root` (= OUT/NAME, the folder holding manifest.json), checked to hold
+    each of `splits` (the ones a config's `data.train_split` / `data.val_split` name): a missing one
+    is a DatasetNotFoundError naming the splits there are, before any work starts."""
     root = Path(root)
-    return open_dataset(root.parent, root.name)
+    dataset = open_dataset(root.parent, root.name)
+    for split in splits:
+        if split not in dataset.manifest["splits"]:
+            raise DatasetNotFoundError(f"{root} has no split {split!r} (it has {', '.join(dataset.manifest['splits'])}): "
+                                       f"set data.train_split / data.val_split to one of those")
+    return dataset
 
 
 class ShardSamples:

@@ -99,6 +99,23 @@ def test_two_process_gloo_first_step_equals_one_process(cifar_root, tmp_path):
         assert one[term] == pytest.approx(two[term], rel=1e-5), term
 
 
+def test_a_checkpoint_write_killed_mid_way_leaves_no_file_behind_for_the_next_run(tmp_path):
+    """`kill -9` during `torch.save` leaves its temporary file (`atomic_write`); the next run's
+    Checkpointer (rank 0) deletes such leftovers of checkpoints, and nothing else."""
+    from trainer.checkpoint import Checkpointer
+
+    leftovers = ["last.pt.41-0a1b2c3d.tmp", "checkpoint-0003.pt.41-4e5f6a7b.tmp"]
+    kept = ["last.pt", "checkpoint-0003.pt", "features.pt.41-8c9d0e1f.tmp", "notes.tmp"]
+    for name in leftovers + kept:
+        (tmp_path / name).write_bytes(b"x")
+    Checkpointer(tmp_path, model=None, optimizer=None, config=None, rank=1, world_size=2, steps_per_epoch=1,
+                 dataset={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(leftovers + kept)  # only rank 0 deletes
+    Checkpointer(tmp_path, model=None, optimizer=None, config=None, rank=0, world_size=2, steps_per_epoch=1,
+                 dataset={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
 @pytest.mark.slow
 def test_kill_and_resume_gives_identical_weights(cifar_root, tmp_path):
     args = ("epochs=3", "batch_size=64", "checkpoint.keep_every_epochs=1")
@@ -162,13 +179,9 @@ def test_setup_errors_are_one_line_and_write_nothing(case, cifar_root, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def digits_root(tmp_path_factory) -> str:
-    """scikit-learn's digits converted (DALI shards only): a second, different dataset."""
-    import convert_datasets
-
-    out = tmp_path_factory.mktemp("digits")
-    assert convert_datasets.main(["digits", "--out", str(out), "--formats", "dali", "--workers", "1"]) == 0
-    return str(out / "digits")
+def digits_root(converted) -> str:
+    """scikit-learn's digits converted (the session's conversion): a second, different dataset."""
+    return str(converted("digits"))
 
 
 @pytest.fixture(scope="module")

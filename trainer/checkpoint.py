@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from atomic_write import atomic_path
+from atomic_write import atomic_path, is_temporary
 from configs.schema import as_dict
 from trainer import TrainingError
 
@@ -116,6 +116,10 @@ class Checkpointer:
         self.pending: dict | None = None  # rank 0's host copy
         self.snapshot_step: int | None = None  # on every rank: a snapshot awaits its commit
         self.good = resumed  # (path, step) of the newest checkpoint known to be good
+        if rank == 0:  # a write killed mid-way (kill -9, preemption) leaves a temporary file, gigabytes large
+            for stale in [*output_dir.glob(f"{LAST}.*"), *output_dir.glob("checkpoint-*.pt.*")]:
+                if is_temporary(stale):
+                    stale.unlink(missing_ok=True)
 
     @property
     def last(self) -> Path:

@@ -212,13 +212,14 @@ def check_augment_imagenet(device: str) -> dict:
     milliseconds per batch (to compare with a ViT-S step) under `set_sync_debug_mode("error")`.
     On CPU: 2 images, eager, once, without the mode."""
     from loaders.augment import apply, draw_params, recipe_views
+    from loaders.device import view_function
 
     on_gpu = device == "cuda"
     batch, repeats = (128, 10) if on_gpu else (2, 1)
     specs = recipe_views(224, (0.35, 1.0), local_crops=8)
     crops = [torch.randint(0, 256, (batch, 3, spec.size, spec.size), dtype=torch.uint8, device=device)
              for spec in specs]
-    view = torch.compile(apply, fullgraph=True, dynamic=False) if on_gpu else apply
+    view = view_function(apply, torch.device(device), on_gpu)
     generator = torch.Generator(device)
 
     def augment_batch() -> list[torch.Tensor]:

@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> dict:
                     args.json)
     if args.plot:
         views = f"2 views + {args.local_crops} local" if args.local_crops else "2 views"
-        plot(record["results"], f"{root.name}, {args.size}px, {views}, {args.workers} workers, {args.device}",
+        made = "compiled" if settings["compile_views"] else "eager"
+        plot(record["results"], f"{root.name}, {args.size}px, {views} ({made}), {args.workers} workers, {args.device}",
              args.plot)
     return record
 

@@ -44,7 +44,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from loaders.augment import ViewSpec, apply, draw_params
 from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
-from loaders.device import compile_setting, to_device
+from loaders.device import to_device, view_function
 from loaders.eval_view import eval_resize_length, normalise
 from loaders.seeding import derive_seed
 from loaders.shards import open_converted
@@ -180,8 +180,7 @@ class FfcvLoader(EpochLoader):
                              batches_ahead=BATCHES_AHEAD, seed=settings.seed,
                              pipelines={"image": PipelineSpec("image", decoder=self.decoder),
                                         "label": [IntDecoder()]})
-        compiled = compile_setting(settings.device, data.compile_views)
-        self.apply = torch.compile(apply, fullgraph=True, dynamic=False) if compiled else apply
+        self.apply = view_function(apply, settings.device, data.compile_views)
 
     def __iter__(self) -> Iterator[Batch]:
         with closing(self.host_batches()) as batches:  # closed at once when the consumer stops mid-epoch

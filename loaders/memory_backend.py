@@ -19,7 +19,7 @@ import torch
 from loaders.augment import draw_params
 from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
 from loaders.crop import crop_boxes, make_view
-from loaders.device import compile_setting, to_device
+from loaders.device import to_device, view_function
 from loaders.eval_view import eval_views
 from loaders.shards import ShardSamples, open_converted
 
@@ -54,8 +54,7 @@ class MemoryLoader(EpochLoader):
         self.images = torch.from_numpy(images).to(settings.device)
         self.labels = torch.from_numpy(labels).to(settings.device)
         self.specs = settings.views()
-        compiled = compile_setting(settings.device, data.compile_views)
-        self.make_view = torch.compile(make_view, fullgraph=True, dynamic=False) if compiled else make_view
+        self.make_view = view_function(make_view, settings.device, data.compile_views)
 
     def __iter__(self) -> Iterator[Batch]:
         s = self.settings

@@ -14,9 +14,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode
 
-from loaders.augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, SOLARIZE_THRESHOLD, ViewSpec, apply, augment,
-                             draw_params, recipe_views)
+from loaders.augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, SOLARIZE_THRESHOLD, ViewSpec, _mod, apply,
+                             augment, draw_params, recipe_views)
 from loaders.crop import crop_boxes, make_view, random_resized_crop, resized_crop
+from loaders.device import view_function
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
 
 # Every op off: `apply` only normalises. Tests switch on the op they check.
@@ -130,6 +131,17 @@ def test_each_jitter_op_matches_torchvision(op):
     out = apply(x, params)
     for b in range(batch):
         _close(out[b], _normalise(ADJUST[op](x[b], factors[b, op].item())))
+
+
+def test_hue_mod_equals_torch_remainder_on_its_ranges():
+    """The hue shift's cheap `mod` (`a − m·floor(a/m)`) gives `torch.remainder`'s values on the ranges
+    it is used on: hue + shift in [−2/3, 4/3) mod 1, and offset + 6·hue in [1, 11] mod 6."""
+    generator = torch.Generator().manual_seed(0)
+    hue = torch.rand(1_000_000, generator=generator) * 2 - 2 / 3
+    sector = 1 + 10 * torch.rand(1_000_000, generator=generator)
+    edges = torch.tensor([-1e-8, 0.0, 1 - 2 ** -24, 1.0, 4 / 3 - 1e-7])
+    for a, m in ((torch.cat([hue, edges]), 1), (torch.cat([sector, 6 + edges, 6 - edges.abs()]), 6)):
+        assert torch.equal(_mod(a, m), torch.remainder(a, m))
 
 
 def test_jitter_in_every_order_matches_torchvision_color_jitter():
@@ -375,10 +387,11 @@ def test_view_compiles_to_one_graph_equal_to_eager(fn):
 
 @pytest.mark.slow
 def test_view_compiled_by_inductor_matches_eager():
-    """The real compiler (C++ kernels on CPU, Triton on CUDA): equal to eager up to fp32 reassociation."""
+    """The real compiler as the loaders call it (C++ kernels on CPU, Triton on CUDA): equal to eager up
+    to fp32 reassociation."""
     images, boxes, params = _view_inputs(3)
     torch._dynamo.reset()
-    compiled = torch.compile(make_view, fullgraph=True, dynamic=False)(images, boxes, params, torch.float32)
+    compiled = view_function(make_view, images.device, True)(images, boxes, params, torch.float32)
     _close(compiled, make_view(images, boxes, params, torch.float32))
 
 

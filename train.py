@@ -196,14 +196,16 @@ def stop_requests() -> list[int]:
 def log_step(monitor: Monitor | None, step: int, total_steps: int, terms: dict[str, torch.Tensor],
              throughput: Throughput, schedules: Schedules, flops_per_image: float | None, peak: float | None,
              device: torch.device) -> None:
-    """Average the loss terms over ranks and log them with throughput, data-wait share, memory, MFU and ETA."""
+    """Average the loss terms over ranks and log them (the total as `loss`, each term as `loss/NAME`, which
+    TensorBoard groups) with throughput, data-wait share, memory, MFU and ETA."""
     values = mean_across_ranks(torch.stack([t.detach().float() for t in terms.values()])).tolist()
     if monitor is None:
         return
     window = throughput.window()
     world = dist.get_world_size() if dist.is_initialized() else 1
     applied = schedules.at(step - 1)
-    record = {**dict(zip(terms, values)), "lr": applied["lr"], "wd": applied["wd"], "momentum": applied["momentum"],
+    logged = {name if name == "loss" else f"loss/{name}": value for name, value in zip(terms, values)}
+    record = {**logged, "lr": applied["lr"], "wd": applied["wd"], "momentum": applied["momentum"],
               **window, "peak_memory_gb": peak_memory_gb(device),
               "eta_min": (total_steps - step) * window["step_time_s"] / 60,
               "mfu": flops_per_image * window["images_per_s"] / (peak * world) if flops_per_image and peak else None}

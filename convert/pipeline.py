@@ -239,11 +239,12 @@ def check_existing(layout: Layout, options: dict, overwrite: bool) -> bool:
             else:
                 path.unlink(missing_ok=True)
         return False
+    parsed = {}
     for path, key in ((layout.manifest, "options"), (layout.partial / "options.json", None)):
         if path.is_file():
             try:
-                existing = json.loads(path.read_text())
-                existing = existing[key] if key else existing
+                parsed[path] = json.loads(path.read_text())
+                existing = parsed[path][key] if key else parsed[path]
             except (ValueError, KeyError, TypeError) as error:
                 raise ConvertError(f"{path} is damaged ({error}); use --overwrite to convert again") from error
             differences = [f"{k}: existing {existing.get(k)!r}, requested {options.get(k)!r}"
@@ -251,10 +252,10 @@ def check_existing(layout: Layout, options: dict, overwrite: bool) -> bool:
             if differences:
                 raise ConvertError(f"{layout.root} was written with different options ({'; '.join(differences)}). "
                                    f"Use --overwrite to replace it, or --out/--name to write elsewhere")
-    if not layout.manifest.is_file():
+    if layout.manifest not in parsed:
         return False
     shutil.rmtree(layout.partial, ignore_errors=True)  # a run killed right after its manifest
-    missing = [p for p in ConvertedDataset(layout, json.loads(layout.manifest.read_text())).files() if not p.is_file()]
+    missing = [p for p in ConvertedDataset(layout, parsed[layout.manifest]).files() if not p.is_file()]
     if missing:
         print(f"{len(missing)} files listed in {layout.manifest} are missing, e.g. {missing[0]}; converting again")
         layout.manifest.unlink()

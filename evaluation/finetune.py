@@ -22,7 +22,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from evaluation.data import finetune_train_transform
+from evaluation.data import finetune_train_transform, stored_view
 from evaluation.protocol import ProtocolError, Run, fit, prepare, protocol_process, run_identity, summary
 from evaluation.protocol_config import FinetuneConfig, base_lr
 from evaluation.weights import EncoderSpec
@@ -71,11 +71,10 @@ def run_finetune(config: FinetuneConfig, weights: str, random_init: bool = False
             raise ProtocolError(f"mixup/cutmix pair each sample with another: the per-rank batch "
                                 f"{setup.batch_size} must be even")
         if not config.eval_resize_crop:  # found now rather than at the end of the first epoch
-            stored = setup.val_samples.decode(0)[0].size
-            if stored != (setup.image_size, setup.image_size):
-                raise ProtocolError(f"eval_resize_crop=false validates the stored images as they are, but they are "
-                                    f"{stored[0]}x{stored[1]}, not {setup.image_size}x{setup.image_size}: "
-                                    f"set eval_resize_crop=true")
+            try:
+                stored_view(setup.val_samples.decode(0)[0], setup.image_size)
+            except ValueError as error:
+                raise ProtocolError(str(error)) from None
         model = build_classifier(setup.encoder, setup.spec, setup.num_classes, config.drop_path).to(process.device)
         ema = ModelEmaV3(model, decay=config.ema_decay)
         step_model = DistributedDataParallel(model) if process.world_size > 1 else model

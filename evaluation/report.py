@@ -17,9 +17,6 @@ from evaluation.published import PROTOCOLS, RESULTS_FILE, dataset_key, published
 
 KNN_K = 20  # the kNN row set against the paper; the best k is shown too
 LABELS = {"knn": "kNN", "linear": "linear", "finetune": "fine-tune"}
-# log.jsonl keys that are not loss terms (train.py's log_step and knn_monitor records).
-NOT_LOSS = {"step", "lr", "wd", "momentum", "images_per_s", "data_wait", "step_time_s", "peak_memory_gb", "eta_min",
-            "mfu", "knn_top1"}
 
 
 class ReportError(ValueError):
@@ -174,7 +171,7 @@ def plot_curves(runs: list[RunData], out: Path) -> None:
     for run in runs:
         records = training_records(run.log)
         steps = [r["step"] for r in records]
-        terms = [k for k in (records[0] if records else {}) if k not in NOT_LOSS]
+        terms = [k for k in (records[0] if records else {}) if k == "loss" or k.startswith("loss/")]  # train.log_step
         for term in terms:
             panels["loss terms"].plot(steps, [r[term] for r in records], label=f"{run.name}: {term}")
         panels["lr"].plot(steps, [r["lr"] for r in records], label=run.name)

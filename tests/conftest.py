@@ -3,6 +3,7 @@ reason, when the folder is absent), small extracted subsets of them, and their c
 once per session (`converted`)."""
 from __future__ import annotations
 
+import hashlib
 import tarfile
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,16 @@ def extract(tar_path: Path, dest: Path, keep: Callable[[str], bool]) -> list[Pat
                 path.write_bytes(tar.extractfile(member).read())
                 written.append(path)
     return written
+
+
+@pytest.fixture(scope="session")
+def file_hashes() -> Callable[[Path], dict[str, str]]:
+    """Every file under a folder with its content hash: to assert two outputs are identical, or that
+    a refused command lost, changed and left nothing."""
+    def hashes(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+    return hashes
 
 
 @pytest.fixture(scope="session")

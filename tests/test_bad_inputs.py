@@ -5,7 +5,6 @@ a split that does not exist."""
 from __future__ import annotations
 
 import gc
-import hashlib
 import pickle
 import resource
 import shutil
@@ -28,11 +27,6 @@ from loaders.shards import ShardSamples, open_converted
 
 REPO = Path(__file__).resolve().parents[1]
 ERROR = "convert_datasets.py: error: "
-
-
-def file_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def hold_lock(root: Path) -> subprocess.Popen:
@@ -74,6 +68,7 @@ class Env(NamedTuple):
     capsys: pytest.CaptureFixture
     converted: Callable[..., Path]
     monkeypatch: pytest.MonkeyPatch
+    file_hashes: Callable[[Path], dict[str, str]]
 
 
 def run(capsys: pytest.CaptureFixture, *args: object) -> subprocess.CompletedProcess:
@@ -214,7 +209,7 @@ def full_disk(env: Env) -> tuple[int, str, str]:
     rerun = run(env.capsys, *args)
     assert rerun.returncode == 0 and "0 images decoded" in rerun.stdout
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
-    assert file_hashes(layout.root) == file_hashes(env.converted("digits", shard_size=100))
+    assert env.file_hashes(layout.root) == env.file_hashes(env.converted("digits", shard_size=100))
     return result.returncode, result.stderr, f"File too large: while writing {layout.root}. What was finished is kept"
 
 
@@ -232,9 +227,9 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_conversion_problem_is_one_line_and_exit_1(case: str, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                   converted: Callable[..., Path],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    status, err, expected = CASES[case](Env(tmp_path, capsys, converted, monkeypatch))
+                                                   converted: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+                                                   file_hashes: Callable[[Path], dict[str, str]]) -> None:
+    status, err, expected = CASES[case](Env(tmp_path, capsys, converted, monkeypatch, file_hashes))
     errors = [line for line in err.splitlines() if line.startswith(ERROR)]
     assert status == 1 and "Traceback" not in err, err[-2000:]
     assert len(errors) == 1 and expected in errors[0], err[-2000:]

@@ -1,7 +1,6 @@
 """eval.py on a user's mistakes: one line on stderr naming the problem and the fix, exit code 1, nothing
 lost (the weights, an existing output and the results file are left as they were), and never the
 advice to unpickle. One case per row of docs/evaluation.md's "what happens when" table."""
-import hashlib
 import os
 import re
 import subprocess
@@ -94,8 +93,8 @@ CASES = [  # (make the mistake, what the message must say)
     (arch_mismatch, r"the config expects arch='vit_small' but .* holds a vit_mini .* pass arch=vit_mini"),
     (missing_split_knn, r"has no split 'validation' \(it has train, val\): set data.train_split"),
     (missing_split_linear, r"has no split 'training' \(it has train, val\): set data.train_split"),
-    (unresized_view_of_another_size, r"eval_resize_crop=false validates the stored images as they are, but they "
-                                     r"are 32x32, not 64x64: set eval_resize_crop=true"),
+    (unresized_view_of_another_size, r"eval_resize_crop=false validates the stored images as they are, but one "
+                                     r"is 32x32, not 64x64: set eval_resize_crop=true"),
     (export_into_missing_folder, r"the folder .*/no does not exist; create it first"),
     (export_onto_directory, r"--out .*/exported is a directory: pass a file name"),
     (results_not_appendable, r"cannot append results to .*eval_results\.jsonl \(Is a directory\): make it writable"),
@@ -104,17 +103,12 @@ CASES = [  # (make the mistake, what the message must say)
 NEEDS_DATA = {missing_split_knn, missing_split_linear, unresized_view_of_another_size, results_not_appendable}
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under `folder` with its content hash."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("mistake, message", CASES, ids=[case.__name__ for case, _ in CASES])
-def test_a_mistake_is_one_line_exit_1_nothing_lost(mistake, message, request, tmp_path, capsys, monkeypatch):
+def test_a_mistake_is_one_line_exit_1_nothing_lost(mistake, message, request, tmp_path, capsys, monkeypatch,
+                                                    file_hashes):
     root = request.getfixturevalue("cifar_root") if mistake in NEEDS_DATA else "unused"
     argv = mistake(tmp_path, root)
-    before = snapshot(tmp_path)
+    before = file_hashes(tmp_path)
     capsys.readouterr()  # the dataset fixture's conversion output
 
     def never(*args, **kwargs):
@@ -126,7 +120,7 @@ def test_a_mistake_is_one_line_exit_1_nothing_lost(mistake, message, request, tm
     assert err.count("\n") == 1 and err.startswith("eval.py: error: "), err
     assert "weights_only" not in err and "Traceback" not in err
     assert re.search(message, err), err
-    assert snapshot(tmp_path) == before  # nothing written, nothing lost, no temporary file left
+    assert file_hashes(tmp_path) == before  # nothing written, nothing lost, no temporary file left
 
 
 def test_a_mistake_prints_no_traceback_from_the_command_line(tmp_path):

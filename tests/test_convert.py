@@ -64,11 +64,6 @@ def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b).mean())
 
 
-def file_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def read_both(dataset: ConvertedDataset, split: str) -> tuple[list[int], dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Labels (identical in both formats) and every decoded image, from FFCV and from DALI."""
     everything = range(dataset.count(split))
@@ -374,7 +369,7 @@ def child_processes(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_killed_conversion_leaves_nothing_complete_and_resumes_to_identical_output(
-        sample_folder: Path, tmp_path: Path) -> None:
+        sample_folder: Path, tmp_path: Path, file_hashes: Callable[[Path], dict[str, str]]) -> None:
     args = ["imagefolder", "--source", sample_folder, "--workers", 2, "--shard-size", 25, "--name", "sample"]
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     layout = Layout(killed / "sample")
@@ -449,7 +444,8 @@ def test_digits_split_labels_and_pixels(converted: Callable[..., Path]) -> None:
             np.testing.assert_array_equal(dali_images[i], sample.pixels)
 
 
-def test_output_does_not_depend_on_the_number_of_workers(converted: Callable[..., Path], tmp_path: Path) -> None:
+def test_output_does_not_depend_on_the_number_of_workers(converted: Callable[..., Path], tmp_path: Path,
+                                                          file_hashes: Callable[[Path], dict[str, str]]) -> None:
     convert("digits", "--out", tmp_path, "--workers", 1)
     assert file_hashes(tmp_path / "digits") == file_hashes(converted("digits"))
 

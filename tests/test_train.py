@@ -95,7 +95,7 @@ def test_two_process_gloo_first_step_equals_one_process(cifar_root, tmp_path):
                                  "--master_port", "29531"))
     assert double.returncode == 0, double.stderr
     one, two = log_records(tmp_path / "one")[0], log_records(tmp_path / "two")[0]
-    for term in ("source", "mix", "mix_mix", "loss"):
+    for term in ("loss/source", "loss/mix", "loss/mix_mix", "loss"):
         assert one[term] == pytest.approx(two[term], rel=1e-5), term
 
 

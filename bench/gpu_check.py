@@ -208,10 +208,10 @@ def check_loaders(device: str, data: Path, batches: int = 20) -> dict:
 
 def check_augment_imagenet(device: str) -> dict:
     """The GPU stage of an ImageNet batch as the ffcv backend runs it: 128 images' uint8 crops
-    (2 × 224 px + 8 × 96 px), each view's parameters drawn and `apply` compiled, bf16 out;
+    (2 × 224 px + 8 × 96 px), each view's uniforms drawn and `random_augment` compiled, bf16 out;
     milliseconds per batch (to compare with a ViT-S step) under `set_sync_debug_mode("error")`.
     On CPU: 2 images, eager, once, without the mode."""
-    from loaders.augment import apply, draw_params, recipe_views
+    from loaders.augment import param_uniforms, random_augment, recipe_views
     from loaders.device import view_function
 
     on_gpu = device == "cuda"
@@ -219,11 +219,12 @@ def check_augment_imagenet(device: str) -> dict:
     specs = recipe_views(224, (0.35, 1.0), local_crops=8)
     crops = [torch.randint(0, 256, (batch, 3, spec.size, spec.size), dtype=torch.uint8, device=device)
              for spec in specs]
-    view = view_function(apply, torch.device(device), on_gpu)
+    view = view_function(random_augment, torch.device(device), on_gpu)
     generator = torch.Generator(device)
 
     def augment_batch() -> list[torch.Tensor]:
-        return [view(images, draw_params(batch, spec, generator), torch.bfloat16) for spec, images in zip(specs, crops)]
+        return [view(images, param_uniforms(batch, generator), spec, torch.bfloat16)[0]
+                for spec, images in zip(specs, crops)]
 
     augment_batch()  # compiles
     with syncs_raise(on_gpu):

@@ -4,7 +4,10 @@ One view of a batch is made by `random_resized_crop` (in `loaders.crop`) and the
 which runs, in the published order, colour jitter, grayscale, Gaussian blur, solarize,
 horizontal flip and ImageNet normalisation, each with per-sample random parameters. The
 parameters are drawn on the generator's device by `draw_params` and applied by `apply`, so a
-backend pays no host round trip and tests can read or set every per-sample decision.
+backend pays no host round trip and tests can read or set every per-sample decision. Drawing is
+one `torch.rand` (`param_uniforms`) and pure tensor maths (`params_from_uniforms`), so a compiled
+view makes its parameters inside its graph (`random_augment`; `loaders.crop.random_view`): on a
+GPU the eager launches per view are the two `torch.rand` calls, not ~90 small ops.
 
 The colour ops follow torchvision's tensor kernels (formulas, clamping after each jitter step,
 the jitter order as a random permutation per sample); their outputs equal torchvision's
@@ -14,9 +17,9 @@ every op (PIL's hue shift is also quantised to 1/255 of the circle).
 
 The GPU contract (counted on CPU by `tests/test_loaders.py` with `bench.dispatch.OpCounter`): no
 op here reads a device value on the host or builds a tensor from host data per batch. Constant
-tensors (jitter ranges, normalisation, hue offsets) are made once per device (`_device_constants`), and
-`apply` has no data-dependent shapes, so `torch.compile(apply, fullgraph=True)` is one graph; the
-loaders compile it on CUDA (`loaders.device.compile_setting`).
+tensors (normalisation, hue offsets) are made once per device (`_device_constants`), and `apply`
+has no data-dependent shapes, so `torch.compile(apply, fullgraph=True)` is one graph; the
+loaders compile it on CUDA (`loaders.device.view_function`).
 
 Dtypes: images stay uint8 while they move and while they are flipped (a gather of bytes: the
 flip commutes with every other op, so it runs first, on the smallest data), the view is written
@@ -25,7 +28,6 @@ bf16's 8-bit mantissa would move a pixel of 200/255 by up to 1/255 at each of th
 ops, far beyond the 1e-5 to which these ops equal torchvision's. Compiled, the chain of
 pointwise ops is fused, so fp32 intermediates live in registers and cost no memory traffic.
 """
-import functools
 import math
 from dataclasses import dataclass
 
@@ -101,30 +103,41 @@ class AugmentParams:
         return {name: getattr(self, name) for name in ("jitter", "grayscale", "blur", "solarize", "flip")}
 
 
-def draw_params(batch: int, spec: ViewSpec, generator: torch.Generator) -> AugmentParams:
-    """Draw one view's parameters for `batch` samples on `generator.device` (no host sync)."""
-    device = generator.device
+PARAM_UNIFORMS = 14  # per sample: jitter coin, 4 order keys, 4 jitter factors, grayscale, blur, sigma, solarize, flip
 
-    def uniform(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator, device=device)
 
-    def coin(p: float) -> torch.Tensor:
-        return uniform(batch) < p
+def param_uniforms(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """`(B, PARAM_UNIFORMS)` uniforms in [0, 1) for one view's parameters: one `torch.rand` on
+    `generator.device` (dynamo does not trace an explicit generator, so this stays eager). Also
+    makes the device's constants, eagerly, so that a compiled `apply` reads them as inputs."""
+    _device_constants(generator.device)
+    return torch.rand(batch, PARAM_UNIFORMS, generator=generator, device=generator.device)
 
-    low, width = _jitter_range(device, spec.jitter)
-    _device_constants(device)  # made here, eagerly, for `apply`
+
+def params_from_uniforms(spec: ViewSpec, uniforms: torch.Tensor) -> AugmentParams:
+    """One view's parameters from `param_uniforms`: pure tensor maths (Python-float constants, no
+    tensor built from host data), so a compiled view can draw its parameters inside its graph."""
+    jitter, order_keys, factors = uniforms[:, 0], uniforms[:, 1:5], uniforms[:, 5:9]
+    grayscale, blur, sigma, solarize, flip = uniforms[:, 9:].unbind(dim=1)
+    b, c, s, h = spec.jitter
+    ranges = ((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h))
     sigma_low, sigma_high = spec.blur_sigma
     return AugmentParams(
         spec=spec,
-        jitter=coin(spec.jitter_prob),
-        order=uniform(batch, 4).argsort(dim=1),
-        factors=torch.addcmul(low, width, uniform(batch, 4)),
-        grayscale=coin(spec.grayscale_prob),
-        blur=coin(spec.blur_prob),
-        sigma=sigma_low + (sigma_high - sigma_low) * uniform(batch),
-        solarize=coin(spec.solarize_prob),
-        flip=coin(spec.flip_prob),
+        jitter=jitter < spec.jitter_prob,
+        order=order_keys.argsort(dim=1),
+        factors=torch.stack([low + (high - low) * factors[:, i] for i, (low, high) in enumerate(ranges)], dim=1),
+        grayscale=grayscale < spec.grayscale_prob,
+        blur=blur < spec.blur_prob,
+        sigma=sigma_low + (sigma_high - sigma_low) * sigma,
+        solarize=solarize < spec.solarize_prob,
+        flip=flip < spec.flip_prob,
     )
+
+
+def draw_params(batch: int, spec: ViewSpec, generator: torch.Generator) -> AugmentParams:
+    """Draw one view's parameters for `batch` samples on `generator.device` (no host sync)."""
+    return params_from_uniforms(spec, param_uniforms(batch, generator))
 
 
 def apply(images: torch.Tensor, params: AugmentParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -162,6 +175,14 @@ def augment(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator,
     return apply(images, draw_params(images.shape[0], spec, generator), dtype)
 
 
+def random_augment(images: torch.Tensor, uniforms: torch.Tensor, spec: ViewSpec,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`apply` with the parameters made from `param_uniforms` inside: what the ffcv backend compiles,
+    one graph per view with its parameters. Returns the view and its decisions (`Batch.params`)."""
+    params = params_from_uniforms(spec, uniforms)
+    return apply(images, params, dtype), params.decisions()
+
+
 @dataclass(frozen=True)
 class _DeviceConstants:
     mean: torch.Tensor  # (1, 3, 1, 1) ImageNet mean
@@ -173,7 +194,7 @@ _CONSTANTS: dict[torch.device, _DeviceConstants] = {}
 
 
 def _device_constants(device: torch.device) -> _DeviceConstants:
-    """The constants of `device`, made once (`draw_params` makes them, eagerly, before any view is
+    """The constants of `device`, made once (`param_uniforms` makes them, eagerly, before any view is
     augmented): a batch builds no tensor from host data, and a compiled graph reads them as inputs."""
     constants = _CONSTANTS.get(device)
     if constants is None:
@@ -183,15 +204,6 @@ def _device_constants(device: torch.device) -> _DeviceConstants:
         constants = _CONSTANTS[device] = _DeviceConstants(channels(IMAGENET_MEAN), channels(IMAGENET_STD),
                                                           channels((5.0, 3.0, 1.0)))
     return constants
-
-
-@functools.cache
-def _jitter_range(device: torch.device, jitter: tuple[float, float, float, float]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The jitter factors' `(low, high - low)` per op, made once per device and strengths."""
-    b, c, s, h = jitter
-    low = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h], device=device)
-    return low, torch.tensor([1 + b, 1 + c, 1 + s, h], device=device) - low
 
 
 def _per_sample(values: torch.Tensor) -> torch.Tensor:

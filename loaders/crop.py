@@ -14,9 +14,11 @@ its result is clamped to [0, 1], as PIL clamps its intermediate uint8 image (new
 
 `make_view` is one whole view from full images, crop and augmentations, with the flip folded
 into the crop (a flipped sample's column weights, reversed): no op reads a device value on the
-host and no shape depends on data, so `torch.compile(make_view, fullgraph=True)` is one graph,
-which the memory backend uses on CUDA. The boxes and the parameters are drawn eagerly, outside
-it (dynamo does not trace an explicit `torch.Generator`): a few dozen tiny `(B,)`-sized ops.
+host and no shape depends on data, so `torch.compile(make_view, fullgraph=True)` is one graph.
+`random_view` adds the drawing of the boxes and parameters from uniforms, and is what the memory
+backend compiles: only the two `torch.rand` calls that make the uniforms stay eager (dynamo does
+not trace an explicit `torch.Generator`), where drawing eagerly took ~90 tiny `(B,)`-sized ops
+per view, each a kernel launch on a GPU.
 
 Why not `grid_sample` or `roi_align`: grid_sample's bicubic is a = −0.75 and never antialiases
 (a 400-px crop shrunk to 224 would alias); roi_align is bilinear. The dense matrices cost
@@ -26,21 +28,38 @@ import math
 
 import torch
 
-from loaders.augment import AugmentParams, ViewSpec, colour_and_normalise
+from loaders.augment import AugmentParams, ViewSpec, colour_and_normalise, params_from_uniforms
+
+
+ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its centre-crop fallback
+
+
+def box_uniforms(batch: int, generator: torch.Generator, attempts: int = ATTEMPTS) -> torch.Tensor:
+    """`(B, 2·attempts + 2)` float64 uniforms in [0, 1) for one view's crop boxes: one `torch.rand` on
+    `generator.device` (eager: dynamo does not trace an explicit generator)."""
+    return torch.rand(batch, 2 * attempts + 2, generator=generator, device=generator.device, dtype=torch.float64)
 
 
 def crop_boxes(batch: int, height: int | torch.Tensor, width: int | torch.Tensor, scale: tuple[float, float],
-               ratio: tuple[float, float], generator: torch.Generator, attempts: int = 10) -> torch.Tensor:
+               ratio: tuple[float, float], generator: torch.Generator, attempts: int = ATTEMPTS) -> torch.Tensor:
     """`(B, 4)` int64 boxes `(top, left, height, width)` on `generator.device`, distributed as
     torchvision's `RandomResizedCrop.get_params` draws them. The image size is one for the whole
     batch (ints) or one per sample (`(B,)` int tensors: JPEGs of different sizes)."""
-    options = dict(generator=generator, device=generator.device, dtype=torch.float64)
+    return boxes_from_uniforms(box_uniforms(batch, generator, attempts), height, width, scale, ratio)
+
+
+def boxes_from_uniforms(uniforms: torch.Tensor, height: int | torch.Tensor, width: int | torch.Tensor,
+                        scale: tuple[float, float], ratio: tuple[float, float]) -> torch.Tensor:
+    """`crop_boxes` from `box_uniforms`: pure tensor maths, so a compiled view can cut its boxes
+    inside its graph. Per sample, attempt `i` takes its area from column `i` and its log aspect
+    ratio from column `attempts + i`; the last two columns place the box."""
+    batch, attempts = uniforms.shape[0], (uniforms.shape[1] - 2) // 2
     # An int becomes a device-side fill, never a host-to-device copy (which would sync a CUDA stream).
-    height, width = (size.to(device=generator.device, dtype=torch.float64) if isinstance(size, torch.Tensor)
-                     else torch.full((batch,), float(size), dtype=torch.float64, device=generator.device)
+    height, width = (size.to(device=uniforms.device, dtype=torch.float64) if isinstance(size, torch.Tensor)
+                     else torch.full((batch,), float(size), dtype=torch.float64, device=uniforms.device)
                      for size in (height, width))
-    area = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * torch.rand(batch, attempts, **options))
-    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(batch, attempts, **options)
+    area = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * uniforms[:, :attempts])
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * uniforms[:, attempts:2 * attempts]
     aspect = torch.exp(log_ratio)
     w = torch.round(torch.sqrt(area * aspect))
     h = torch.round(torch.sqrt(area / aspect))
@@ -50,7 +69,7 @@ def crop_boxes(batch: int, height: int | torch.Tensor, width: int | torch.Tensor
     found = fits.any(dim=1)
     h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
     w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)
-    corner = torch.rand(batch, 2, **options)
+    corner = uniforms[:, 2 * attempts:]
     top = torch.where(found, (corner[:, 0] * (height - h + 1)).floor().minimum(height - h), (height - h) // 2)
     left = torch.where(found, (corner[:, 1] * (width - w + 1)).floor().minimum(width - w), (width - w) // 2)
     return torch.stack([top, left, h, w], dim=1).long()
@@ -92,6 +111,20 @@ def make_view(images: torch.Tensor, boxes: torch.Tensor, params: AugmentParams, 
     spec = params.spec
     crops = resized_crop(images, boxes, spec.size, params.flip if spec.flip_prob > 0 else None)
     return colour_and_normalise(crops, params, dtype)
+
+
+def random_view(images: torch.Tensor, box_uniforms: torch.Tensor, param_uniforms: torch.Tensor, spec: ViewSpec,
+                dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One view of full `(B, C, H, W)` images with every random choice made from uniforms
+    (`box_uniforms`, `loaders.augment.param_uniforms`): the boxes, the parameters, then `make_view`.
+    Pure tensor maths, so the memory backend compiles drawing and view as one graph. Returns the
+    view and what `Batch.params` reports: each box's area as a fraction of the image, and the
+    decisions."""
+    height, width = images.shape[-2:]
+    boxes = boxes_from_uniforms(box_uniforms, height, width, spec.scale, spec.ratio)
+    params = params_from_uniforms(spec, param_uniforms)
+    area = (boxes[:, 2] * boxes[:, 3]) / (height * width)
+    return make_view(images, boxes, params, dtype), {"area": area, **params.decisions()}
 
 
 def random_resized_crop(images: torch.Tensor, spec: ViewSpec,

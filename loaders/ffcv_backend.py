@@ -9,8 +9,9 @@ one uint8 row. Crops are drawn from a generator seeded per sample by `(seed, epo
 they are reproducible and do not depend on which thread decoded what.
 
 The rest of the recipe (colour jitter, grayscale, blur, solarize, flip, normalise) runs batched
-on the training device (`loaders.augment.apply`, compiled on CUDA), per-sample parameters drawn
-from a generator seeded by `(seed, epoch, rank, batch)`, as in the memory backend. The device
+on the training device (`loaders.augment.random_augment`: the parameters made from uniforms and
+`apply`, one graph per view, compiled on CUDA), the uniforms drawn from a generator seeded by
+`(seed, epoch, rank, batch)`, as in the memory backend. The device
 stage (`_device_stage`) makes the host wait for nothing: the uint8 views, labels, areas and
 indices go through pinned memory with non-blocking copies (`loaders.device.to_device`), and on
 CUDA `build_loader` puts the loader behind `loaders.device.Prefetcher`, so batch N+1's device
@@ -42,7 +43,7 @@ from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.pipeline.state import State
 from ffcv.traversal_order.base import TraversalOrder
 
-from loaders.augment import ViewSpec, apply, draw_params
+from loaders.augment import ViewSpec, param_uniforms, random_augment
 from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
 from loaders.device import to_device, view_function
 from loaders.eval_view import eval_resize_length, normalise
@@ -180,7 +181,7 @@ class FfcvLoader(EpochLoader):
                              batches_ahead=BATCHES_AHEAD, seed=settings.seed,
                              pipelines={"image": PipelineSpec("image", decoder=self.decoder),
                                         "label": [IntDecoder()]})
-        self.apply = view_function(apply, settings.device, data.compile_views)
+        self.augment = view_function(random_augment, settings.device, data.compile_views)
 
     def __iter__(self) -> Iterator[Batch]:
         with closing(self.host_batches()) as batches:  # closed at once when the consumer stops mid-epoch
@@ -219,9 +220,9 @@ class FfcvLoader(EpochLoader):
         areas = to_device(areas, s.device)
         views, params = [], []
         for v, (spec, images) in enumerate(zip(self.specs, crops)):
-            drawn = draw_params(len(images), spec, generator)
-            views.append(self.apply(images, drawn, s.dtype))
-            params.append({"area": areas[:, v], **drawn.decisions()})
+            view, decisions = self.augment(images, param_uniforms(len(images), generator), spec, s.dtype)
+            views.append(view)
+            params.append({"area": areas[:, v], **decisions})
         return Batch(views, labels, indices, params)
 
 

@@ -1,9 +1,10 @@
 """The whole split as one uint8 tensor on the device; every view made there, batched (CIFAR-sized data).
 
-No worker processes: a batch is an index into the resident tensor, then per view the crop boxes
-and augmentation parameters drawn on the device from a generator seeded by
+No worker processes: a batch is an index into the resident tensor, then per view the uniforms of
+its crop boxes and augmentation parameters, drawn on the device from a generator seeded by
 `(seed, epoch, rank, batch)` — so any batch can be made without the ones before it (mid-epoch
-start: `set_epoch(epoch, start_batch)`) — and `loaders.crop.make_view`, compiled on CUDA.
+start: `set_epoch(epoch, start_batch)`) — and `loaders.crop.random_view`, which turns them into
+boxes, parameters and the view in one graph, compiled on CUDA.
 
 Nothing per batch makes the host wait for the GPU (tests count it): the epoch's order goes to the
 device once per epoch through pinned memory, labels are gathered on the device, and on CUDA
@@ -16,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from loaders.augment import draw_params
+from loaders.augment import param_uniforms
 from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
-from loaders.crop import crop_boxes, make_view
+from loaders.crop import box_uniforms, random_view
 from loaders.device import to_device, view_function
 from loaders.eval_view import eval_views
 from loaders.shards import ShardSamples, open_converted
@@ -54,13 +55,12 @@ class MemoryLoader(EpochLoader):
         self.images = torch.from_numpy(images).to(settings.device)
         self.labels = torch.from_numpy(labels).to(settings.device)
         self.specs = settings.views()
-        self.make_view = view_function(make_view, settings.device, data.compile_views)
+        self.make_view = view_function(random_view, settings.device, data.compile_views)
 
     def __iter__(self) -> Iterator[Batch]:
         s = self.settings
         order = to_device(self.order(), s.device)
         generator = torch.Generator(s.device)
-        height, width = self.images.shape[-2:]
         for number, indices in enumerate(order.split(s.batch_size), start=self.start_batch):
             images = self.images[indices]
             if not s.train:
@@ -69,10 +69,10 @@ class MemoryLoader(EpochLoader):
             generator.manual_seed(s.batch_seed(self.epoch, number))
             views, params = [], []
             for spec in self.specs:
-                boxes = crop_boxes(len(indices), height, width, spec.scale, spec.ratio, generator)
-                drawn = draw_params(len(indices), spec, generator)
-                views.append(self.make_view(images, boxes, drawn, s.dtype))
-                params.append({"area": (boxes[:, 2] * boxes[:, 3]) / (height * width), **drawn.decisions()})
+                uniforms = box_uniforms(len(indices), generator), param_uniforms(len(indices), generator)
+                view, drawn = self.make_view(images, *uniforms, spec, s.dtype)
+                views.append(view)
+                params.append(drawn)
             yield Batch(views, self.labels[indices], indices, params)
 
 

@@ -15,8 +15,8 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode
 
 from loaders.augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, SOLARIZE_THRESHOLD, ViewSpec, _mod, apply,
-                             augment, draw_params, recipe_views)
-from loaders.crop import crop_boxes, make_view, random_resized_crop, resized_crop
+                             augment, draw_params, param_uniforms, random_augment, recipe_views)
+from loaders.crop import box_uniforms, crop_boxes, make_view, random_resized_crop, random_view, resized_crop
 from loaders.device import view_function
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
 
@@ -368,37 +368,61 @@ def test_uint8_views_flip_before_the_float_conversion():
     _close(apply(crops, params), apply(crops.float() / 255, params))
 
 
-@pytest.mark.parametrize("fn", ["make_view", "apply"])
+def _uniform_inputs(seed: int = 0):
+    """Full images, a view spec and one view's uniforms, as the backends draw them."""
+    images, _, params = _view_inputs(seed)
+    generator = torch.Generator().manual_seed(seed)
+    return images, box_uniforms(8, generator), param_uniforms(8, generator), params.spec
+
+
+def test_random_view_is_the_drawn_boxes_and_params_made_into_a_view():
+    """`random_view` (what the memory backend compiles) equals `make_view` of `crop_boxes` and
+    `draw_params` drawn from the same generator, and reports their areas and decisions."""
+    images, box_u, param_u, spec = _uniform_inputs()
+    generator = torch.Generator().manual_seed(0)
+    boxes = crop_boxes(8, 40, 36, spec.scale, spec.ratio, generator)
+    params = draw_params(8, spec, generator)
+    view, reported = random_view(images, box_u, param_u, spec, torch.float32)
+    assert torch.equal(view, make_view(images, boxes, params, torch.float32))
+    assert torch.equal(reported["area"], boxes[:, 2] * boxes[:, 3] / (40 * 36))
+    assert reported.keys() - {"area"} == params.decisions().keys()
+    assert all(torch.equal(reported[k], v) for k, v in params.decisions().items())
+    crops = (resized_crop(images, boxes, spec.size) * 255).round().to(torch.uint8)
+    augmented, decisions = random_augment(crops, param_u, spec, torch.float32)
+    assert torch.equal(augmented, apply(crops, params)) and decisions.keys() == params.decisions().keys()
+
+
+@pytest.mark.parametrize("fn", ["random_view", "random_augment"])
 def test_view_compiles_to_one_graph_equal_to_eager(fn):
-    """fullgraph=True: dynamo would raise at a graph break (a host read, a data-dependent shape).
-    The `aot_eager` backend runs the traced graph with eager kernels, so it must equal eager exactly."""
-    images, boxes, params = _view_inputs(2)
+    """What the backends compile, drawing included: fullgraph=True, so dynamo would raise at a graph
+    break (a host read, a data-dependent shape). The `aot_eager` backend runs the traced graph with
+    eager kernels, so it must equal eager exactly."""
+    images, box_u, param_u, spec = _uniform_inputs(2)
     torch._dynamo.reset()
-    if fn == "make_view":
-        eager = make_view(images, boxes, params, torch.bfloat16)
-        compiled = torch.compile(make_view, fullgraph=True, dynamic=False, backend="aot_eager")(
-            images, boxes, params, torch.bfloat16)
+    if fn == "random_view":
+        function, args = random_view, (images, box_u, param_u, spec, torch.bfloat16)
     else:
-        eager = apply(images, params, torch.bfloat16)
-        compiled = torch.compile(apply, fullgraph=True, dynamic=False, backend="aot_eager")(images, params,
-                                                                                            torch.bfloat16)
+        function, args = random_augment, (images, param_u, spec, torch.bfloat16)
+    (eager, eager_decisions) = function(*args)
+    compiled, decisions = torch.compile(function, fullgraph=True, dynamic=False, backend="aot_eager")(*args)
     assert compiled.dtype == torch.bfloat16 and torch.equal(compiled, eager)
+    assert all(torch.equal(decisions[k], eager_decisions[k]) for k in eager_decisions)
 
 
 @pytest.mark.slow
 def test_view_compiled_by_inductor_matches_eager():
     """The real compiler as the loaders call it (C++ kernels on CPU, Triton on CUDA): equal to eager up
     to fp32 reassociation."""
-    images, boxes, params = _view_inputs(3)
+    images, box_u, param_u, spec = _uniform_inputs(3)
     torch._dynamo.reset()
-    compiled = view_function(make_view, images.device, True)(images, boxes, params, torch.float32)
-    _close(compiled, make_view(images, boxes, params, torch.float32))
+    compiled, _ = view_function(random_view, images.device, True)(images, box_u, param_u, spec, torch.float32)
+    _close(compiled, random_view(images, box_u, param_u, spec, torch.float32)[0])
 
 
 def test_compiled_view_builds_no_tensor_from_host_data():
     """The constants reach the graph as inputs (made once per device), never as `torch.tensor(list)`
     inside it, which on CUDA would be a host-to-device copy per call."""
-    images, boxes, params = _view_inputs(4)
+    images, box_u, param_u, spec = _uniform_inputs(4)
     graphs = []
 
     def capture(gm, example_inputs):
@@ -406,7 +430,8 @@ def test_compiled_view_builds_no_tensor_from_host_data():
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(make_view, fullgraph=True, dynamic=False, backend=capture)(images, boxes, params, torch.float32)
+    torch.compile(random_view, fullgraph=True, dynamic=False, backend=capture)(images, box_u, param_u, spec,
+                                                                               torch.float32)
     (graph,) = graphs
     targets = {node.target for node in graph.graph.nodes if node.op == "call_function"}
     assert not targets & {torch.tensor, torch.as_tensor, torch.from_numpy}, targets

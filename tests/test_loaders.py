@@ -210,6 +210,32 @@ def test_memory_loader_steady_state_batch_has_no_sync_prone_op(cifar_root):
     assert counter.sync_prone == {}, counter.sync_prone
 
 
+def test_memory_batch_launches_two_ops_per_view_besides_its_compiled_views(cifar_root):
+    """With the views compiled (on CUDA), what a batch still runs eagerly is the resident tensor's
+    gathers and, per view, the two `torch.rand` calls of its uniforms: drawing the boxes and the
+    parameters happens inside each view's graph. Counted with the view function stubbed out of the
+    count (dynamo refuses dispatch modes, so the compiled graph itself cannot run under one)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from bench.dispatch import OpCounter
+
+    loader = build_loader(data_config(cifar_root, "memory", local_crops=2), split="train", train=True,
+                          batch_size=BATCH)
+    view_function = loader.make_view
+
+    def uncounted(*args):
+        with _disable_current_modes():
+            return view_function(*args)
+
+    loader.make_view = uncounted
+    loader.set_epoch(0)
+    it = iter(loader)
+    next(it)
+    with OpCounter() as counter:
+        next(it)
+    assert counter.ops == {"aten.rand": 2 * 4, "aten.index": 2}, counter.ops  # 4 views; images and labels
+
+
 @pytest.mark.parametrize("footprint,device,installed,expected", [
     (300 * 3 * 32 * 32, "cpu", {"ffcv", "nvidia.dali"}, "memory"),
     (300 * 3 * 32 * 32, "cuda", {"ffcv", "nvidia.dali"}, "memory"),

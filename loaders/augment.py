@@ -249,7 +249,7 @@ def _adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     Both `mod`s are `a − m·floor(a / m)`: on these ranges (|a| < 2m) it gives `torch.remainder`'s
     values, and compiled it is a few vector instructions, where inductor's `remainder` (a
     Python-style floor-mod) made this op 5× slower on a CPU."""
-    value, _ = x.max(dim=1, keepdim=True)
+    value = x.amax(dim=1, keepdim=True)
     chroma = value - x.amin(dim=1, keepdim=True)
     rc, gc, bc = ((value - x) / torch.where(chroma > 0, chroma, 1.0)).unbind(dim=1)
     red, green, _ = x.unbind(dim=1)

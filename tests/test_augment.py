@@ -403,7 +403,7 @@ def test_view_compiles_to_one_graph_equal_to_eager(fn):
         function, args = random_view, (images, box_u, param_u, spec, torch.bfloat16)
     else:
         function, args = random_augment, (images, param_u, spec, torch.bfloat16)
-    (eager, eager_decisions) = function(*args)
+    eager, eager_decisions = function(*args)
     compiled, decisions = torch.compile(function, fullgraph=True, dynamic=False, backend="aot_eager")(*args)
     assert compiled.dtype == torch.bfloat16 and torch.equal(compiled, eager)
     assert all(torch.equal(decisions[k], eager_decisions[k]) for k in eager_decisions)

@@ -221,11 +221,11 @@ def test_memory_batch_launches_two_ops_per_view_besides_its_compiled_views(cifar
 
     loader = build_loader(data_config(cifar_root, "memory", local_crops=2), split="train", train=True,
                           batch_size=BATCH)
-    view_function = loader.make_view
+    make_view = loader.make_view
 
     def uncounted(*args):
         with _disable_current_modes():
-            return view_function(*args)
+            return make_view(*args)
 
     loader.make_view = uncounted
     loader.set_epoch(0)

@@ -9,7 +9,8 @@ modes: on CUDA pass `--eager-views` to count); for DALI the operators per iterat
 
 `--host` also times the host stages alone, on the same files and threads: raw libjpeg-turbo
 decoding (FFCV's `imdecode`, every image once), ffcv's host stage (decode once + every view's
-crop, no colour ops) and torchvision's (PIL decode + a RandomResizedCrop per view).
+crop, no colour ops; and with `data.device_crops`, decode once, the views cut on the device) and
+torchvision's (PIL decode + a RandomResizedCrop per view).
 
 `--data` is a converted dataset (DIR/NAME). `--prepare imagenet|cifar10` builds one from
 ../shared/data first (the ImageNet sample replicated to `--replicate`×1000 images, or CIFAR-10)
@@ -34,7 +35,7 @@ from bench.dispatch import OpCounter
 from bench.harness import endless, measure, report
 from configs.schema import DataConfig
 from loaders.builder import LoaderSettings, build_loader
-from loaders.device import compile_setting
+from loaders.device import on_cuda_unless_set
 from loaders.shards import ShardSamples, open_converted
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -59,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     views = parser.add_mutually_exclusive_group()
     views.add_argument("--compile-views", action="store_true", help="torch.compile the views on CPU too")
     views.add_argument("--eager-views", action="store_true", help="eager views on CUDA too (to count their ops)")
+    crops = parser.add_mutually_exclusive_group()
+    crops.add_argument("--device-crops", action="store_true", help="ffcv cuts the views on the device on CPU too")
+    crops.add_argument("--host-crops", action="store_true", help="ffcv cuts the views on the host on CUDA too")
     parser.add_argument("--host", action="store_true", help="also time the host stages against raw decoding")
     parser.add_argument("--plot", help="also write a bar chart (PNG) of images/s by backend")
 
@@ -129,7 +133,7 @@ def backend_row(data: DataConfig, backend: str, args: argparse.Namespace, dtype:
         return {"backend": backend, "images_per_s": None, "note": f"unavailable: {error}"}
     batches = endless(loader)
     row = {"backend": backend, **timed(lambda: next(batches), args.batches, args.batch, args.device, args.warmup)}
-    if not compile_setting(torch.device(args.device), data.compile_views):  # dynamo refuses dispatch modes
+    if not on_cuda_unless_set(torch.device(args.device), data.compile_views):  # dynamo refuses dispatch modes
         with OpCounter() as counter:
             next(batches)
         row.update(aten_ops_per_batch=counter.total, sync_prone_per_batch=counter.total_sync_prone,
@@ -146,7 +150,8 @@ def run(args: argparse.Namespace) -> dict:
     root = prepare(args.prepare, Path(args.cache), args.replicate) if args.prepare else Path(args.data)
     data = DataConfig(root=str(root), workers=args.workers, image_size=args.size, global_scale=tuple(args.scale),
                       local_crops=args.local_crops,
-                      compile_views=True if args.compile_views else False if args.eager_views else None)
+                      compile_views=True if args.compile_views else False if args.eager_views else None,
+                      device_crops=True if args.device_crops else False if args.host_crops else None)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     results = [backend_row(data, backend, args, dtype) for backend in args.backends.split(",")]
     baseline = next((r["images_per_s"] for r in results if r["backend"] == "torchvision"), None)
@@ -156,7 +161,8 @@ def run(args: argparse.Namespace) -> dict:
         results += host_stages(data, args)
     settings = {"data": str(root), "size": args.size, "local_crops": args.local_crops, "batch": args.batch,
                 "workers": args.workers, "warmup": args.warmup, "batches": args.batches, "device": args.device,
-                "dtype": str(dtype), "compile_views": compile_setting(torch.device(args.device), data.compile_views),
+                "dtype": str(dtype), "compile_views": on_cuda_unless_set(torch.device(args.device), data.compile_views),
+                "device_crops": on_cuda_unless_set(torch.device(args.device), data.device_crops),
                 "threads": torch.get_num_threads()}
     record = report("loader", settings, results, ["backend", "images_per_s", "vs_torchvision", "cpu_s_per_image",
                                                   "aten_ops_per_batch", "sync_prone_per_batch", "median_batch_ms"],
@@ -176,16 +182,17 @@ def host_stages(data: DataConfig, args: argparse.Namespace) -> list[dict]:
     samples = ShardSamples(open_converted(data.root), "train")
     count = min(len(samples), args.batch * args.batches)
     encoded = [samples.read(i)[0] for i in range(count)]
-    settings = LoaderSettings(data=replace(data, backend="ffcv"), split="train", train=True, batch_size=args.batch)
-    ffcv = FfcvLoader(settings)
-    host = endless(ffcv, batches=FfcvLoader.host_batches)
-    specs = settings.views()
-    rows = [{"backend": "raw decode (libjpeg-turbo)", **raw_decode(encoded, args.workers)},
-            {"backend": "ffcv host stage", **timed(lambda: next(host), args.batches, args.batch, "cpu", args.warmup)},
-            {"backend": "torchvision host stage", **torchvision_host(samples, specs, args)}]
+    rows = [{"backend": "raw decode (libjpeg-turbo)", **raw_decode(encoded, args.workers)}]
+    for device_crops, name in ((False, "ffcv host stage"), (True, "ffcv host stage, data.device_crops")):
+        settings = LoaderSettings(data=replace(data, backend="ffcv", device_crops=device_crops), split="train",
+                                  train=True, batch_size=args.batch)
+        host = endless(FfcvLoader(settings), batches=FfcvLoader.host_batches)
+        rows.append({"backend": name, **timed(lambda: next(host), args.batches, args.batch, "cpu", args.warmup)})
+        del host
+    rows.append({"backend": "torchvision host stage", **torchvision_host(samples, settings.views(), args)})
     for row in rows:
         row["vs_raw_decode"] = row["images_per_s"] / rows[0]["images_per_s"]
-        row["vs_torchvision_host"] = row["images_per_s"] / rows[2]["images_per_s"]
+        row["vs_torchvision_host"] = row["images_per_s"] / rows[-1]["images_per_s"]
     return rows
 
 

@@ -16,19 +16,22 @@ its result is clamped to [0, 1], as PIL clamps its intermediate uint8 image (new
 into the crop (a flipped sample's column weights, reversed): no op reads a device value on the
 host and no shape depends on data, so `torch.compile(make_view, fullgraph=True)` is one graph.
 `random_view` adds the drawing of the boxes and parameters from uniforms, and is what the memory
-backend compiles: only the two `torch.rand` calls that make the uniforms stay eager (dynamo does
-not trace an explicit `torch.Generator`), where drawing eagerly took ~90 tiny `(B,)`-sized ops
-per view, each a kernel launch on a GPU.
+backend (and the ffcv backend with `data.device_crops`) compiles: only the two `torch.rand` calls
+that make the uniforms stay eager (dynamo does not trace an explicit `torch.Generator`), where
+drawing eagerly took ~90 tiny `(B,)`-sized ops per view, each a kernel launch on a GPU.
 
 Why not `grid_sample` or `roi_align`: grid_sample's bicubic is a = −0.75 and never antialiases
 (a 400-px crop shrunk to 224 would alias); roi_align is bilinear. The dense matrices cost
-`B·S·(H+W)` floats and a matmul, cheap for the CIFAR-sized on-device data this is for.
+`B·S·(H+W)` floats and two matmuls of `2·B·3·S·H·(W+S)` FLOPs: nothing for CIFAR; for a 128-image
+batch of ImageNet images padded to 512 px (`padded_images`), ~65 GFLOP per 224-px view and ~23 per
+96-px one, ~0.3 TFLOP for the 10-view recipe, about a millisecond of an H200 in TF32.
 """
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
-from loaders.augment import AugmentParams, ViewSpec, colour_and_normalise, params_from_uniforms
+from loaders.augment import AugmentParams, ViewSpec, colour_and_normalise, param_uniforms, params_from_uniforms
 
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its centre-crop fallback
@@ -114,17 +117,47 @@ def make_view(images: torch.Tensor, boxes: torch.Tensor, params: AugmentParams, 
 
 
 def random_view(images: torch.Tensor, box_uniforms: torch.Tensor, param_uniforms: torch.Tensor, spec: ViewSpec,
-                dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                dtype: torch.dtype, sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One view of full `(B, C, H, W)` images with every random choice made from uniforms
     (`box_uniforms`, `loaders.augment.param_uniforms`): the boxes, the parameters, then `make_view`.
-    Pure tensor maths, so the memory backend compiles drawing and view as one graph. Returns the
-    view and what `Batch.params` reports: each box's area as a fraction of the image, and the
-    decisions."""
-    height, width = images.shape[-2:]
+    Pure tensor maths, so the memory and ffcv backends compile drawing and view as one graph.
+    Returns the view and what `Batch.params` reports: each box's area as a fraction of the image,
+    and the decisions. `sizes` (`(B, 2)` int64 heights and widths) is for images of different
+    sizes padded to one (`padded_images`): each box stays inside its own image."""
+    height, width = images.shape[-2:] if sizes is None else sizes.unbind(dim=1)
     boxes = boxes_from_uniforms(box_uniforms, height, width, spec.scale, spec.ratio)
     params = params_from_uniforms(spec, param_uniforms)
     area = (boxes[:, 2] * boxes[:, 3]) / (height * width)
     return make_view(images, boxes, params, dtype), {"area": area, **params.decisions()}
+
+
+def random_views(make_view: Callable, images: torch.Tensor, specs: Sequence[ViewSpec], generator: torch.Generator,
+                 dtype: torch.dtype, sizes: torch.Tensor | None = None
+                 ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Every view in `specs` of a batch: per view its box and parameter uniforms drawn from
+    `generator` (in that order), then `make_view` (`random_view`, or its compiled graph). Returns
+    the views and, per view, what `random_view` reports."""
+    views, params = [], []
+    for spec in specs:
+        uniforms = box_uniforms(len(images), generator), param_uniforms(len(images), generator)
+        view, drawn = make_view(images, *uniforms, spec, dtype, sizes)
+        views.append(view)
+        params.append(drawn)
+    return views, params
+
+
+def padded_images(rows: torch.Tensor, sizes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`(B, 3, height, width)` uint8 images from `(B, N)` uint8 rows, each holding one `(h, w, 3)`
+    image at its start (`sizes`: `(B, 2)` int64 `(h, w)`, at most `(height, width)`), as FFCV's
+    whole-image decoder packs them. A gather at computed indices (one fused kernel when compiled):
+    pixels beyond an image's own size are arbitrary values from its row, which `resized_crop`
+    never weighs, as every box lies inside its image."""
+    batch, device = rows.shape[0], rows.device
+    y = torch.arange(height, device=device)[None, :, None]
+    x = torch.arange(width, device=device)[None, None, :]
+    start = ((y * sizes[:, 1, None, None] + x) * 3).clamp(max=rows.shape[1] - 3)  # (B, height, width)
+    index = start[:, None] + torch.arange(3, device=device)[None, :, None, None]
+    return rows.gather(1, index.flatten(1)).view(batch, 3, height, width)
 
 
 def random_resized_crop(images: torch.Tensor, spec: ViewSpec,

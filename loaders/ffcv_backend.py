@@ -1,21 +1,27 @@
 """`.beton` files read by FFCV's `Loader`, each image decoded once per sample for all its views.
 
-Stock FFCV decodes once per pipeline, so two views would cost two JPEG decodes. Here the one
-image decoder, `MultiViewRGBImageDecoder`, decodes each image once (libjpeg-turbo, or the raw
-pixels) and cuts every view from that decode with its own crop: FFCV's `get_random_crop`
-(torchvision's `RandomResizedCrop.get_params`) resized by FFCV's `resize_crop` (OpenCV's
-INTER_AREA), or, for evaluation, the resize and centre crop. A sample's views are packed into
-one uint8 row. Crops are drawn from a generator seeded per sample by `(seed, epoch, index)`, so
-they are reproducible and do not depend on which thread decoded what.
+Stock FFCV decodes once per pipeline, so two views would cost two JPEG decodes. Here each image
+is decoded once (libjpeg-turbo, or the raw pixels), then one of two ways, per `data.device_crops`
+(`None`: device crops on CUDA, host crops elsewhere):
 
-The rest of the recipe (colour jitter, grayscale, blur, solarize, flip, normalise) runs batched
-on the training device (`loaders.augment.random_augment`: the parameters made from uniforms and
-`apply`, one graph per view, compiled on CUDA), the uniforms drawn from a generator seeded by
-`(seed, epoch, rank, batch)`, as in the memory backend. The device
-stage (`_device_stage`) makes the host wait for nothing: the uint8 views, labels, areas and
-indices go through pinned memory with non-blocking copies (`loaders.device.to_device`), and on
-CUDA `build_loader` puts the loader behind `loaders.device.Prefetcher`, so batch N+1's device
-stage runs on a side stream while step N trains.
+- **Device crops.** `WholeRGBImageDecoder` packs the whole decoded image into its sample's row;
+  the device unpacks the batch (`loaders.crop.padded_images`) and makes every view there as the
+  memory backend does (`loaders.crop.random_view`: boxes, parameters and view from uniforms drawn
+  from a generator seeded by `(seed, epoch, rank, batch)`, compiled on CUDA). The host stage is
+  the decode alone; the recipe's bicubic filter cuts the views.
+- **Host crops.** `MultiViewRGBImageDecoder` cuts every view from the decode with its own crop:
+  FFCV's `get_random_crop` (torchvision's `RandomResizedCrop.get_params`) resized by FFCV's
+  `resize_crop` (OpenCV's INTER_AREA), drawn from a generator seeded per sample by
+  `(seed, epoch, index)`, so they do not depend on which thread decoded what. A sample's views
+  are packed into one uint8 row, and the rest of the recipe (colour jitter, grayscale, blur,
+  solarize, flip, normalise) runs batched on the device (`loaders.augment.random_augment`,
+  uniforms from the per-batch generator). Evaluation always cuts on the host: torchvision's
+  resize and centre crop.
+
+The device stage (`_device_stage`) makes the host wait for nothing: pixels, labels, areas or
+sizes and indices go through pinned memory with non-blocking copies (`loaders.device.to_device`),
+and on CUDA `build_loader` puts the loader behind `loaders.device.Prefetcher`, so batch N+1's
+device stage runs on a side stream while step N trains.
 
 FFCV visits exactly `loaders.sampling.epoch_indices` (a custom traversal order; FFCV's
 `distributed` stays off), from batch `start_batch` on after `set_epoch(epoch, start_batch)`
@@ -33,7 +39,7 @@ import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, get_random_crop
-from ffcv.libffcv import ctypes_memcopy, imdecode, resize_crop
+from ffcv.libffcv import ctypes_memcopy, imdecode, memcpy, resize_crop
 from ffcv.loader import Loader
 from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery
@@ -45,12 +51,31 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from loaders.augment import ViewSpec, param_uniforms, random_augment
 from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
-from loaders.device import to_device, view_function
+from loaders.crop import padded_images, random_view, random_views
+from loaders.device import on_cuda_unless_set, to_device, view_function
 from loaders.eval_view import eval_resize_length, normalise
 from loaders.seeding import derive_seed
 from loaders.shards import open_converted
 
 BATCHES_AHEAD = 2
+
+
+def _sample_decoder(memory_read: Callable) -> Callable:
+    """`decode(field, storage_state, out)`: one sample of an `RGBImageField` decoded into the
+    contiguous uint8 `out` (`height·width·3` long, or `(height, width, 3)`): libjpeg-turbo for
+    a JPEG, a copy for raw pixels; compiled."""
+    decode_jpeg, copy, jpg = Compiler.compile(imdecode), Compiler.compile(memcpy), IMAGE_MODES["jpg"]
+
+    def decode(field, storage_state, out):
+        height, width = np.int64(field["height"]), np.int64(field["width"])
+        data = memory_read(field["data_ptr"], storage_state)
+        if field["mode"] == jpg:
+            decode_jpeg(data, out, height, width, height, width, 0, 0, 1, 1, False, False)
+        else:
+            copy(data, out)
+
+    return Compiler.compile(decode)
+
 
 class MultiViewRGBImageDecoder(Operation):
     """FFCV decoder of an `RGBImageField` into every view of a sample, from one decode.
@@ -104,9 +129,9 @@ class MultiViewRGBImageDecoder(Operation):
         return Compiler.compile(cut)
 
     def generate_code(self) -> Callable:
-        memory_read, my_range = self.memory_read, Compiler.get_iterator()
-        decode_jpeg, seed_of, cut = Compiler.compile(imdecode), Compiler.compile(derive_seed), self._cutter()
-        sizes, offsets, jpg = self.sizes, self.offsets, IMAGE_MODES["jpg"]
+        my_range, decode_sample = Compiler.get_iterator(), _sample_decoder(self.memory_read)
+        seed_of, cut = Compiler.compile(derive_seed), self._cutter()
+        sizes, offsets = self.sizes, self.offsets
         seed_epoch_address = self.seed_epoch.ctypes.data
 
         def decode(batch_indices, storage, metadata, storage_state):
@@ -116,18 +141,50 @@ class MultiViewRGBImageDecoder(Operation):
             for row in my_range(len(batch_indices)):
                 index = batch_indices[row]
                 field = metadata[index]
-                height, width = np.int64(field["height"]), np.int64(field["width"])
-                data = memory_read(field["data_ptr"], storage_state)
-                if field["mode"] == jpg:  # the one decode of this sample
-                    image = np.empty((height, width, 3), dtype=np.uint8)
-                    decode_jpeg(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
-                else:
-                    image = data.reshape(height, width, 3)
+                image = np.empty((np.int64(field["height"]), np.int64(field["width"]), 3), dtype=np.uint8)
+                decode_sample(field, storage_state, image)  # the one decode of this sample
                 np.random.seed(seed_of(seed_epoch[0], seed_epoch[1], index))
                 for v in range(len(sizes)):
                     view = pixels[row, offsets[v]:offsets[v + 1]].reshape(sizes[v], sizes[v], 3)
                     areas[row, v] = cut(image, v, view)
             return pixels[:len(batch_indices)], areas[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class WholeRGBImageDecoder(Operation):
+    """FFCV decoder of an `RGBImageField` into whole images, for views cut on the device
+    (`data.device_crops`): the host stage is then one decode per sample and nothing else.
+
+    Output per batch: `(pixels, sizes)`, `pixels` `(B, N)` uint8 with each sample's `(H, W, 3)`
+    image at the start of its row (`N`: 3 × the dataset's largest `H·W`), and `sizes` `(B, 2)`
+    int64 `(H, W)`. `loaders.crop.padded_images` unpacks a batch into `(B, 3, height, width)`
+    for `(height, width)`, the dataset's largest height and width, set here once FFCV has read
+    the file's metadata."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.height = self.width = 0
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+        heights, widths = self.metadata["height"].astype(np.int64), self.metadata["width"].astype(np.int64)
+        self.height, self.width = int(heights.max()), int(widths.max())
+        row = (3 * int((heights * widths).max()),)
+        return (replace(previous_state, jit_mode=True, shape=row, dtype=np.dtype("u1")),
+                (AllocationQuery(row, np.dtype("u1")), AllocationQuery((2,), np.dtype("i8"))))
+
+    def generate_code(self) -> Callable:
+        my_range, decode_sample = Compiler.get_iterator(), _sample_decoder(self.memory_read)
+
+        def decode(batch_indices, storage, metadata, storage_state):
+            pixels, sizes = storage
+            for row in my_range(len(batch_indices)):
+                field = metadata[batch_indices[row]]
+                height, width = np.int64(field["height"]), np.int64(field["width"])
+                decode_sample(field, storage_state, pixels[row, :height * width * 3])
+                sizes[row, 0], sizes[row, 1] = height, width
+            return pixels[:len(batch_indices)], sizes[:len(batch_indices)]
 
         decode.is_parallel = True
         return decode
@@ -168,7 +225,11 @@ class FfcvLoader(EpochLoader):
         data = settings.data
         dataset = open_converted(data.root)
         super().__init__(settings, dataset.count(settings.split))
-        if settings.train:
+        self.device_crops = settings.train and on_cuda_unless_set(settings.device, data.device_crops)
+        if self.device_crops:
+            self.specs = settings.views()
+            self.decoder = WholeRGBImageDecoder()
+        elif settings.train:
             self.specs = settings.views()
             self.decoder = MultiViewRGBImageDecoder(self.specs)
         else:
@@ -181,7 +242,11 @@ class FfcvLoader(EpochLoader):
                              batches_ahead=BATCHES_AHEAD, seed=settings.seed,
                              pipelines={"image": PipelineSpec("image", decoder=self.decoder),
                                         "label": [IntDecoder()]})
-        self.augment = view_function(random_augment, settings.device, data.compile_views)
+        if self.device_crops:
+            self.unpack = view_function(padded_images, settings.device, data.compile_views)
+            self.make_view = view_function(random_view, settings.device, data.compile_views)
+        else:
+            self.make_view = view_function(random_augment, settings.device, data.compile_views)
 
     def __iter__(self) -> Iterator[Batch]:
         with closing(self.host_batches()) as batches:  # closed at once when the consumer stops mid-epoch
@@ -189,41 +254,53 @@ class FfcvLoader(EpochLoader):
                 yield self._device_stage(*host, number)
 
     def host_batches(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The host stage alone (FFCV's threads: decode once, cut every view): per batch its number in
-        the epoch and host tensors `(pixels, areas, labels, indices)`, as `_device_stage` takes them."""
+        """The host stage alone (FFCV's threads: decode once, and cut every view unless
+        `device_crops`): per batch its number in the epoch and host tensors `(pixels, areas or
+        sizes, labels, indices)`, as `_device_stage` takes them."""
         s = self.settings
-        self.decoder.seed_epoch[:] = (s.seed, self.epoch)  # no decoding thread runs between epochs
+        if not self.device_crops:
+            self.decoder.seed_epoch[:] = (s.seed, self.epoch)  # no decoding thread runs between epochs
         self.loader.next_epoch = self.epoch
         self.traversal.indices = self.order().numpy()
         batches = iter(self.loader)
         try:
-            for number, ((pixels, areas), labels) in enumerate(batches):
+            for number, ((pixels, per_sample), labels) in enumerate(batches):
                 # Host tensors that own their memory: FFCV refills its buffers once the next batch is taken.
                 # The pixels are consumed (copied to the device, or cut into views) before that.
-                yield (number + self.start_batch, torch.from_numpy(pixels), torch.from_numpy(areas.copy()),
+                yield (number + self.start_batch, torch.from_numpy(pixels), torch.from_numpy(per_sample.copy()),
                        torch.from_numpy(labels[:, 0].astype(np.int64)),
                        torch.from_numpy(batches.order[number * s.batch_size:][:len(labels)]))
         finally:  # also when the consumer stops mid-epoch: end FFCV's thread before another starts
             _stop(batches)
 
-    def _device_stage(self, pixels: torch.Tensor, areas: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-                      number: int) -> Batch:
-        """Batch `number` of the epoch from its host tensors (packed uint8 rows, crop areas, labels,
-        indices): moved to the device without a host sync, then augmented there."""
+    def _device_stage(self, pixels: torch.Tensor, per_sample: torch.Tensor, labels: torch.Tensor,
+                      indices: torch.Tensor, number: int) -> Batch:
+        """Batch `number` of the epoch from its host tensors (uint8 rows; crop areas, or image sizes
+        with `device_crops`; labels; indices): moved to the device without a host sync, then there
+        its views augmented, or, with `device_crops`, cut from the whole images and augmented as the
+        memory backend does."""
         s = self.settings
-        pixels, labels, indices = (to_device(t, s.device) for t in (pixels, labels, indices))
+        pixels, per_sample, labels, indices = (to_device(t, s.device) for t in (pixels, per_sample, labels, indices))
+        if self.device_crops:
+            images = self.unpack(pixels, per_sample, self.decoder.height, self.decoder.width)
+            views, params = random_views(self.make_view, images, self.specs, self._generator(number), s.dtype,
+                                         per_sample)
+            return Batch(views, labels, indices, params)
         crops = [pixels[:, start:end].unflatten(1, (spec.size, spec.size, 3)).permute(0, 3, 1, 2).contiguous()
                  for spec, start, end in zip(self.specs, self.decoder.offsets, self.decoder.offsets[1:])]
         if not s.train:
             return Batch([normalise(crops[0], s.dtype)], labels, indices)
-        generator = torch.Generator(s.device).manual_seed(s.batch_seed(self.epoch, number))
-        areas = to_device(areas, s.device)
-        views, params = [], []
+        generator, views, params = self._generator(number), [], []
         for v, (spec, images) in enumerate(zip(self.specs, crops)):
-            view, decisions = self.augment(images, param_uniforms(len(images), generator), spec, s.dtype)
+            view, decisions = self.make_view(images, param_uniforms(len(images), generator), spec, s.dtype)
             views.append(view)
-            params.append({"area": areas[:, v], **decisions})
+            params.append({"area": per_sample[:, v], **decisions})
         return Batch(views, labels, indices, params)
+
+    def _generator(self, number: int) -> torch.Generator:
+        """The device generator of batch `number`'s uniforms, seeded by `(seed, epoch, rank, batch)`."""
+        s = self.settings
+        return torch.Generator(s.device).manual_seed(s.batch_seed(self.epoch, number))
 
 
 def make_loader(settings: LoaderSettings) -> FfcvLoader:

@@ -17,9 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from loaders.augment import param_uniforms
 from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
-from loaders.crop import box_uniforms, random_view
+from loaders.crop import random_view, random_views
 from loaders.device import to_device, view_function
 from loaders.eval_view import eval_views
 from loaders.shards import ShardSamples, open_converted
@@ -67,12 +66,7 @@ class MemoryLoader(EpochLoader):
                 yield Batch([eval_views(images, s.data.image_size, s.dtype)], self.labels[indices], indices)
                 continue
             generator.manual_seed(s.batch_seed(self.epoch, number))
-            views, params = [], []
-            for spec in self.specs:
-                uniforms = box_uniforms(len(indices), generator), param_uniforms(len(indices), generator)
-                view, drawn = self.make_view(images, *uniforms, spec, s.dtype)
-                views.append(view)
-                params.append(drawn)
+            views, params = random_views(self.make_view, images, self.specs, generator, s.dtype)
             yield Batch(views, self.labels[indices], indices, params)
 
 

@@ -16,7 +16,8 @@ from torchvision.transforms import InterpolationMode
 
 from loaders.augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, SOLARIZE_THRESHOLD, ViewSpec, _mod, apply,
                              augment, draw_params, param_uniforms, random_augment, recipe_views)
-from loaders.crop import box_uniforms, crop_boxes, make_view, random_resized_crop, random_view, resized_crop
+from loaders.crop import (box_uniforms, crop_boxes, make_view, padded_images, random_resized_crop, random_view,
+                          resized_crop)
 from loaders.device import view_function
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
 
@@ -392,17 +393,62 @@ def test_random_view_is_the_drawn_boxes_and_params_made_into_a_view():
     assert torch.equal(augmented, apply(crops, params)) and decisions.keys() == params.decisions().keys()
 
 
-@pytest.mark.parametrize("fn", ["random_view", "random_augment"])
+SIZES = [(40, 36), (23, 51), (60, 60), (9, 14)]  # images of different sizes, padded to (60, 60)
+
+
+def _packed(seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Uint8 images of `SIZES` and their rows as FFCV's whole-image decoder packs them: each image's
+    `(h, w, 3)` pixels at the start of its row, random bytes after; and their `(B, 2)` sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8) for h, w in SIZES]
+    rows = torch.randint(0, 256, (len(SIZES), 3 * 60 * 60), generator=generator, dtype=torch.uint8)
+    for row, image in zip(rows, images):
+        row[:image.numel()] = image.permute(1, 2, 0).flatten()
+    return images, rows, torch.tensor(SIZES)
+
+
+def test_padded_images_unpack_each_row_into_its_image():
+    images, rows, sizes = _packed()
+    padded = padded_images(rows, sizes, 60, 60)
+    assert padded.shape == (4, 3, 60, 60) and padded.dtype == torch.uint8
+    assert all(torch.equal(padded[i, :, :h, :w], image) for i, ((h, w), image) in enumerate(zip(SIZES, images)))
+
+
+def test_random_view_of_padded_images_is_each_image_on_its_own():
+    """What the ffcv backend makes with `data.device_crops`: views of images of different sizes padded
+    to one. Each equals `random_view` of its image alone from its own uniforms (up to matmul
+    summation order): boxes stay inside their image, whatever the padding holds; areas are
+    fractions of each image's own size."""
+    images, rows, sizes = _packed(1)
+    spec = dataclasses.replace(recipe_views(24, (0.35, 1.0), 0, 16, (0.05, 0.35))[1], blur_prob=0.5)
+    generator = torch.Generator().manual_seed(1)
+    box_u, param_u = box_uniforms(4, generator), param_uniforms(4, generator)
+    views, reported = random_view(padded_images(rows, sizes, 60, 60), box_u, param_u, spec, torch.float32, sizes)
+    for i, image in enumerate(images):
+        alone, expected = random_view(image[None], box_u[i:i + 1], param_u[i:i + 1], spec, torch.float32)
+        _close(views[i:i + 1], alone, atol=1e-5)
+        assert all(torch.equal(reported[k][i:i + 1], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("fn", ["random_view", "random_augment", "padded"])
 def test_view_compiles_to_one_graph_equal_to_eager(fn):
-    """What the backends compile, drawing included: fullgraph=True, so dynamo would raise at a graph
-    break (a host read, a data-dependent shape). The `aot_eager` backend runs the traced graph with
-    eager kernels, so it must equal eager exactly."""
+    """What the backends compile, drawing included (`padded`: ffcv's with `data.device_crops`, the
+    unpacking of the rows and a view of the padded images): fullgraph=True, so dynamo would raise
+    at a graph break (a host read, a data-dependent shape). The `aot_eager` backend runs the traced
+    graph with eager kernels, so it must equal eager exactly."""
     images, box_u, param_u, spec = _uniform_inputs(2)
     torch._dynamo.reset()
     if fn == "random_view":
         function, args = random_view, (images, box_u, param_u, spec, torch.bfloat16)
-    else:
+    elif fn == "random_augment":
         function, args = random_augment, (images, param_u, spec, torch.bfloat16)
+    else:
+        _, rows, sizes = _packed(2)
+
+        def function(rows, sizes, box_u, param_u):
+            return random_view(padded_images(rows, sizes, 60, 60), box_u, param_u, spec, torch.bfloat16, sizes)
+
+        args = rows, sizes, box_u[:4], param_u[:4]
     eager, eager_decisions = function(*args)
     compiled, decisions = torch.compile(function, fullgraph=True, dynamic=False, backend="aot_eager")(*args)
     assert compiled.dtype == torch.bfloat16 and torch.equal(compiled, eager)

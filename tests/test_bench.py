@@ -66,9 +66,13 @@ def test_loader_benchmark_reports_rate_cpu_and_ops(cifar_root, tmp_path):
     parser.add_argument("--json")
     args = parser.parse_args(["--data", cifar_root, "--backends", "torchvision,memory,dali", "--size", "32",
                               "--scale", "0.1", "1.0", "--batch", "16", "--batches", "2", "--warmup", "1",
-                              "--device", "cpu",
+                              "--device", "cpu", "--host", "--workers", "1",
                               "--json", str(tmp_path / "loader.json")])
     rows = {row["backend"]: row for row in bench.loader.run(args)["results"]}
+    host = ["raw decode (libjpeg-turbo)", "ffcv host stage", "ffcv host stage, data.device_crops",
+            "torchvision host stage"]
+    assert all(rows[name]["images_per_s"] > 0 for name in host)
+    assert rows[host[0]]["vs_raw_decode"] == 1 and rows[host[-1]]["vs_torchvision_host"] == 1
     assert rows["torchvision"]["vs_torchvision"] == 1
     for backend in ("torchvision", "memory"):
         assert rows[backend]["images_per_s"] > 0 and rows[backend]["cpu_s_per_image"] > 0

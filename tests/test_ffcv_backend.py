@@ -8,6 +8,7 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from loaders.eval_view import IMAGENET_STD  # noqa: E402
 from loaders.builder import Batch, build_loader  # noqa: E402
+from loaders.crop import padded_images, random_view, random_views  # noqa: E402
 from loaders.shards import ShardSamples, open_converted  # noqa: E402
 from loaders.eval_view import eval_view  # noqa: E402
 
@@ -157,10 +159,11 @@ def test_memory_stays_flat_across_epochs(cifar_ranks: list) -> None:
 
 
 
-def test_device_stage_has_no_sync_prone_op(cifar_ranks: list, cifar_epochs: dict) -> None:
-    """FFCV's GPU stage (move the uint8 views, areas, labels and indices, then augment), counted in
-    eager mode on a steady-state batch: nothing that would make the host wait for a GPU. It also
-    remakes the batch exactly."""
+def test_device_stage_has_no_sync_prone_op(cifar_root: str, cifar_ranks: list, cifar_epochs: dict) -> None:
+    """FFCV's GPU stage (move the uint8 views, areas, labels and indices, then augment; or with
+    `data.device_crops`, the whole images and their sizes, then cut and augment), counted in eager
+    mode on a steady-state batch: nothing that would make the host wait for a GPU. It also remakes
+    the batch's decisions exactly."""
     from bench.dispatch import OpCounter
 
     it, batch = cifar_ranks[0], cifar_epochs[0, 0][1]
@@ -172,3 +175,71 @@ def test_device_stage_has_no_sync_prone_op(cifar_ranks: list, cifar_epochs: dict
     assert counter.total > 200 and counter.sync_prone == {}, counter.sync_prone
     # the same per-batch seed: the same decisions as the loader's batch 1
     assert all(torch.equal(a[k], b[k]) for a, b in zip(again.params, batch.params) for k in a)
+
+    whole = loader(cifar_root, rank=0, world_size=2, image_size=32, global_scale=(0.1, 1.0), device_crops=True)
+    pixels = torch.randint(0, 256, (CIFAR_BATCH, 32 * 32 * 3), dtype=torch.uint8)
+    sizes = torch.full((CIFAR_BATCH, 2), 32)
+    with OpCounter() as counter:
+        whole._device_stage(pixels, sizes, batch.labels, batch.indices, 1)
+    assert counter.total > 200 and counter.sync_prone == {}, counter.sync_prone
+
+
+def _host_batches(it: ffcv_backend.FfcvLoader) -> list[tuple[torch.Tensor, ...]]:
+    """Epoch 0's host stage, each batch's tensors copied (FFCV refills its buffers)."""
+    it.set_epoch(0)
+    return [tuple(t.clone() for t in host) for _, *host in it.host_batches()]
+
+
+def test_device_crops_ship_each_image_whole_and_decoded_once(imagenet_root: str, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """With `data.device_crops` FFCV's host stage is one decode per sample and nothing else: each row
+    holds its sample's image whole (as `padded_images` unpacks it: libjpeg-turbo's decode of the
+    sample's JPEG, within ~1/255 of Pillow's, whose IDCT differs) and the sizes its height and
+    width. The decodes are counted with FFCV's compiler off (Python); the compiled decoder on 2
+    threads gives the same images."""
+    compiled = _host_batches(loader(imagenet_root, workers=2, device_crops=True, **IMAGENET_VIEWS))
+    calls, imdecode = [], ffcv_backend.imdecode
+    monkeypatch.setattr(ffcv_backend, "imdecode", lambda *args: calls.append(args) or imdecode(*args))
+    Compiler.set_enabled(False)
+    try:
+        it = loader(imagenet_root, device_crops=True, **IMAGENET_VIEWS)
+        python = _host_batches(it)
+    finally:
+        Compiler.set_enabled(True)
+    assert len(calls) == 64
+    for (pixels, *rest), (compiled_pixels, *compiled_rest) in zip(python, compiled, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(rest, compiled_rest))  # sizes, labels, indices
+        for row, compiled_row, (h, w) in zip(pixels, compiled_pixels, rest[0].tolist()):
+            assert torch.equal(row[:h * w * 3], compiled_row[:h * w * 3])  # the rest of a row is left as it was
+    samples = ShardSamples(open_converted(imagenet_root), "train")
+    height, width = it.decoder.height, it.decoder.width
+    assert (height, width) == (max(samples.decode(i)[0].height for i in range(64)),
+                               max(samples.decode(i)[0].width for i in range(64)))
+    for pixels, sizes, labels, indices in python:
+        images = padded_images(pixels, sizes, height, width)
+        for image, (h, w), label, index in zip(images, sizes.tolist(), labels.tolist(), indices.tolist()):
+            (jpeg, true_label), pillow = samples.read(index), samples.decode(index)[0]
+            decoded = np.empty((h, w, 3), dtype=np.uint8)
+            imdecode(np.frombuffer(jpeg, np.uint8), decoded, h, w, h, w, 0, 0, 1, 1, False, False)
+            assert (w, h) == pillow.size and label == true_label
+            assert torch.equal(image[:, :h, :w], torch.from_numpy(decoded).permute(2, 0, 1))
+            assert np.abs(decoded.astype(np.int16) - np.asarray(pillow)).mean() < 1.5
+
+
+def test_device_crops_are_random_views_of_the_whole_images(imagenet_root: str) -> None:
+    """The views made on the device from the whole images: `random_view` of the unpacked batch with
+    uniforms from the batch's `(seed, epoch, rank, batch)` generator, exactly as the memory backend
+    draws them; each crop's area inside its view's scale."""
+    it = loader(imagenet_root, workers=2, device_crops=True, **IMAGENET_VIEWS)
+    hosts, batches = _host_batches(it), run_epoch(it, 0)
+    assert len(batches) == 4 and isinstance(it.decoder, ffcv_backend.WholeRGBImageDecoder)
+    for number, ((pixels, sizes, labels, indices), batch) in enumerate(zip(hosts, batches, strict=True)):
+        generator = torch.Generator().manual_seed(it.settings.batch_seed(0, number))
+        images = padded_images(pixels, sizes, it.decoder.height, it.decoder.width)
+        views, params = random_views(random_view, images, it.specs, generator, torch.float32, sizes)
+        assert torch.equal(batch.labels, labels) and torch.equal(batch.indices, indices)
+        assert [tuple(v.shape) for v in batch.views] == [(16, 3, 128, 128)] * 2 + [(16, 3, 96, 96)] * 2
+        assert all(torch.equal(a, b) for a, b in zip(batch.views, views, strict=True))
+        for got, expected, (low, high) in zip(batch.params, params, [(0.35, 1.0)] * 2 + [(0.05, 0.35)] * 2):
+            assert all(torch.equal(got[k], expected[k]) for k in expected)
+            assert ((got["area"] >= low * 0.97) & (got["area"] <= high * 1.03)).all()

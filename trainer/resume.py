@@ -21,8 +21,8 @@ from trainer.checkpoint import CheckpointError, load_training_state, newest_load
 from trainer.distributed import Process, agreed
 
 # Keys that may change when resuming: where things are, how fast and how often to log and save.
-RESUMABLE_CHANGES = ("data.root", "data.backend", "data.workers", "data.compile_views", "compile", "log_every",
-                     "knn_every", "max_steps", "checkpoint.", "output_dir", "ddp.")
+RESUMABLE_CHANGES = ("data.root", "data.backend", "data.workers", "data.compile_views", "data.device_crops", "compile",
+                     "log_every", "knn_every", "max_steps", "checkpoint.", "output_dir", "ddp.")
 # Optimisation settings a user may change to get past a diverged run (the printed advice); reported.
 ADJUSTABLE = ("optim.lr", "optim.min_lr", "optim.clip_grad")
 

@@ -207,6 +207,23 @@ def check_loaders(device: str, data: Path, batches: int = 20) -> dict:
     return results
 
 
+def check_staging(device: str) -> dict:
+    """`loaders.device.to_device` lets the caller overwrite its source at once, even a pinned one
+    (FFCV's batch buffers are pinned and reused): 256 MB from a pinned buffer, overwritten on the
+    host right after the call, arrive unchanged, with no sync under `set_sync_debug_mode("error")`.
+    CUDA only (on a CPU `to_device` is the tensor itself)."""
+    from loaders.device import to_device
+
+    source = torch.ones(64, 2**20, pin_memory=True)
+    with syncs_raise(True):
+        copy = to_device(source, torch.device(device))
+        source.fill_(2.0)
+    arrived = float(copy.sum()) / copy.numel()
+    if arrived != 1.0:
+        raise AssertionError(f"the device copy saw the source's later write (mean {arrived}, expected 1.0)")
+    return {"megabytes": source.numel() * 4 / 2**20}
+
+
 def check_augment_imagenet(device: str) -> dict:
     """The GPU stage of an ImageNet batch as the ffcv backend runs it: 128 images' uint8 crops
     (2 × 224 px + 8 × 96 px), each view's uniforms drawn and `random_augment` compiled, bf16 out;
@@ -291,10 +308,12 @@ def main() -> int:
               "training": lambda: check_training(args.device),
               "step_syncs": lambda: check_step_syncs(args.device),
               "loaders": lambda: check_loaders(args.device, data),
+              "staging": lambda: check_staging(args.device),
               "augment_imagenet": lambda: check_augment_imagenet(args.device),
               "device_crops_imagenet": lambda: check_device_crops_imagenet(args.device)}
     if args.device != "cuda":
         checks.pop("compile")  # inductor on CPU is covered by the test suite
+        checks.pop("staging")  # pinned memory needs CUDA
     if args.checks:
         unknown = set(args.checks.split(",")) - set(checks)
         if unknown:

@@ -38,7 +38,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, everything in
 # whose step_syncs also times the ViT-S/16 step that augment_imagenet's share is measured against.
 stage step 270 "$python" bench.py step --models vit_base --repeats 10 --json "$out/step.json"
 stage checks 180 "$python" bench/gpu_check.py --out "$work" \
-    --checks step_syncs,augment_imagenet,device_crops_imagenet,kernel,compile,loaders
+    --checks step_syncs,augment_imagenet,kernel,compile,staging,loaders,device_crops_imagenet
 cp "$work/checks.json" "$out/" 2>/dev/null
 stage kernel 45 "$python" bench.py kernel --repeats 10 --json "$out/kernel.json"
 stage loader 60 "$python" bench.py loader --data "$work/data/tiny" --backends torchvision,memory --size 32 \

@@ -1,9 +1,10 @@
 """Moving batches onto the training device without making the host wait, and making the next
 batch while the current one trains.
 
-- `to_device`: host tensor -> device. On CUDA the data goes through pinned (page-locked) memory
-  and a `non_blocking` copy, so the host never waits for the GPU; PyTorch's pinned-memory cache
-  keeps the staging block alive until the copy has run. On CPU it is the tensor itself.
+- `to_device`: host tensor -> device. On CUDA the data goes through a fresh pinned (page-locked)
+  block and a `non_blocking` copy, so the host never waits for the GPU; PyTorch's pinned-memory
+  cache keeps the staging block alive until the copy has run, so the source may be overwritten at
+  once (FFCV's pinned buffers are). On CPU it is the tensor itself.
 - `Prefetcher`: wraps a loader; on CUDA each batch is made on a side stream one batch ahead
   (batch N+1's crops and augmentations run while step N runs on the training stream), and the
   training stream waits for that side stream before it uses a batch (`wait_stream`, and
@@ -28,11 +29,17 @@ if TYPE_CHECKING:
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` (a CPU tensor) on `device`, copied without a host sync (pinned + non_blocking on CUDA)."""
+    """`host` (a CPU tensor) on `device`, copied without a host sync, after which the caller may
+    overwrite `host` at once.
+
+    On CUDA the data is first copied into a fresh pinned block, even when `host` is pinned already:
+    FFCV allocates its reused batch buffers pinned, and `pin_memory()` of a pinned tensor is the
+    tensor itself, so a `non_blocking` copy straight from it would race with FFCV's next write into
+    that buffer. PyTorch's caching host allocator keeps the fresh block until the copy has run."""
     if device.type == "cpu":
         return host
     if device.type == "cuda":
-        host = host.pin_memory()
+        host = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
     return host.to(device, non_blocking=True)
 
 

@@ -410,8 +410,8 @@ def _packed(seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tens
 def test_padded_images_unpack_each_row_into_its_image():
     images, rows, sizes = _packed()
     padded = padded_images(rows, sizes, 60, 60)
-    assert padded.shape == (4, 3, 60, 60) and padded.dtype == torch.uint8
-    assert all(torch.equal(padded[i, :, :h, :w], image) for i, ((h, w), image) in enumerate(zip(SIZES, images)))
+    assert padded.shape == (4, 3, 60, 60) and padded.dtype == torch.float32
+    assert all(torch.equal(padded[i, :, :h, :w], image / 255) for i, ((h, w), image) in enumerate(zip(SIZES, images)))
 
 
 def test_random_view_of_padded_images_is_each_image_on_its_own():

@@ -222,7 +222,7 @@ def test_device_crops_ship_each_image_whole_and_decoded_once(imagenet_root: str,
             decoded = np.empty((h, w, 3), dtype=np.uint8)
             imdecode(np.frombuffer(jpeg, np.uint8), decoded, h, w, h, w, 0, 0, 1, 1, False, False)
             assert (w, h) == pillow.size and label == true_label
-            assert torch.equal(image[:, :h, :w], torch.from_numpy(decoded).permute(2, 0, 1))
+            assert torch.equal(image[:, :h, :w], torch.from_numpy(decoded).permute(2, 0, 1) / 255)
             assert np.abs(decoded.astype(np.int16) - np.asarray(pillow)).mean() < 1.5
 
 

@@ -50,6 +50,7 @@ from nvidia.dali.pipeline import Pipeline
 from loaders.augment import SOLARIZE_THRESHOLD, ViewSpec
 from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
 from loaders.dali_params import DECISIONS, BatchSource, EpochState, colours, view_inputs
+from loaders.device import to_device
 from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
 from loaders.shards import ShardSamples, open_converted
 
@@ -185,7 +186,10 @@ class DaliLoader(EpochLoader):
     def _batch(self, outputs: list[torch.Tensor]) -> Batch:
         """A `Batch` on the training device from the pipeline's outputs (views already there)."""
         s = self.settings
-        labels, indices, *views = (output.to(s.device, non_blocking=True) for output in outputs)
+        # CPU outputs (labels, indices) go through `to_device` like every host-to-device copy: a DLPack
+        # tensor's memory returns to DALI when it is freed, maybe before a non_blocking copy from it ran.
+        labels, indices, *views = (to_device(output, s.device) if output.device.type == "cpu" else output
+                                   for output in outputs)
         params = []
         if self.with_decisions:
             decisions = views.pop()

@@ -1,6 +1,7 @@
 """The `ffcv` backend (`loaders.ffcv_backend`) on real CIFAR-10 and ImageNet JPEGs converted to `.beton`:
 order, shards, labels, shapes, reproducibility, one decode per sample, crop areas, the recipe's rates,
-the evaluation transform against torchvision's, and flat memory over epochs. CPU only."""
+the evaluation transform against torchvision's, flat memory over epochs, and with `data.device_crops`
+whole images shipped and cut on the device. CPU only."""
 from __future__ import annotations
 
 import gc

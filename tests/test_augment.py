@@ -456,13 +456,20 @@ def test_view_compiles_to_one_graph_equal_to_eager(fn):
 
 
 @pytest.mark.slow
-def test_view_compiled_by_inductor_matches_eager():
+@pytest.mark.parametrize("padded", [False, True])
+def test_view_compiled_by_inductor_matches_eager(padded):
     """The real compiler as the loaders call it (C++ kernels on CPU, Triton on CUDA): equal to eager up
-    to fp32 reassociation."""
+    to fp32 reassociation; `padded`: ffcv's device crops, the rows' unpacking compiled too."""
     images, box_u, param_u, spec = _uniform_inputs(3)
+    sizes = None
     torch._dynamo.reset()
-    compiled, _ = view_function(random_view, images.device, True)(images, box_u, param_u, spec, torch.float32)
-    _close(compiled, random_view(images, box_u, param_u, spec, torch.float32)[0])
+    if padded:
+        _, rows, sizes = _packed(3)
+        box_u, param_u = box_u[:4], param_u[:4]
+        images = padded_images(rows, sizes, 60, 60)
+        assert torch.equal(view_function(padded_images, rows.device, True)(rows, sizes, 60, 60), images)
+    compiled, _ = view_function(random_view, images.device, True)(images, box_u, param_u, spec, torch.float32, sizes)
+    _close(compiled, random_view(images, box_u, param_u, spec, torch.float32, sizes)[0])
 
 
 def test_compiled_view_builds_no_tensor_from_host_data():

@@ -34,7 +34,7 @@ import convert_datasets
 from bench.dispatch import OpCounter
 from bench.harness import endless, measure, report
 from configs.schema import DataConfig
-from loaders.builder import LoaderSettings, build_loader
+from loaders.builder import LoaderSettings, build_loader, resolve_device_crops
 from loaders.device import on_cuda_unless_set
 from loaders.shards import ShardSamples, open_converted
 
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     settings = {"data": str(root), "size": args.size, "local_crops": args.local_crops, "batch": args.batch,
                 "workers": args.workers, "warmup": args.warmup, "batches": args.batches, "device": args.device,
                 "dtype": str(dtype), "compile_views": on_cuda_unless_set(torch.device(args.device), data.compile_views),
-                "device_crops": on_cuda_unless_set(torch.device(args.device), data.device_crops),
+                "device_crops": resolve_device_crops(data, torch.device(args.device)),
                 "threads": torch.get_num_threads()}
     record = report("loader", settings, results, ["backend", "images_per_s", "vs_torchvision", "cpu_s_per_image",
                                                   "aten_ops_per_batch", "sync_prone_per_batch", "median_batch_ms"],

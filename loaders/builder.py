@@ -11,7 +11,8 @@ backends behind `loaders.device.Prefetcher`, which makes the next batch on a sid
   sample exactly once over all ranks (the last batch may be partial).
 
 Order is deterministic given `(seed, epoch)` and ranks are disjoint (see `loaders.sampling`).
-`data.backend: auto` is resolved per split by `resolve_backend`.
+`data.backend: auto` is resolved per split by `resolve_backend`; `data.device_crops: null` (ffcv)
+by `resolve_device_crops`.
 """
 import importlib
 import importlib.util
@@ -172,6 +173,23 @@ def resolve_backend(data: DataConfig, split: str, device: torch.device) -> str:
     if device.type == "cuda" and _available("nvidia.dali"):
         return "dali"
     return "ffcv" if _available("ffcv") else "torchvision"
+
+
+DEVICE_CROPS_MAX_SIDE = 1024  # the largest images `data.device_crops: null` ships whole (3 MB each, padded)
+
+
+def resolve_device_crops(data: DataConfig, device: torch.device) -> bool:
+    """`data.device_crops`, or for `null`: on CUDA, when the dataset's images are at most
+    `DEVICE_CROPS_MAX_SIDE` px on a side (its `--max-resolution`; the converter's default is 512).
+    The ffcv backend then ships each training image whole, padded to the file's largest, and cuts
+    its views on the device; larger images would cost transfers and device memory, so their views
+    are cut on the host."""
+    if data.device_crops is not None:
+        return data.device_crops
+    from loaders.shards import open_converted
+
+    return (device.type == "cuda"
+            and open_converted(data.root).manifest["options"]["max_resolution"] <= DEVICE_CROPS_MAX_SIDE)
 
 
 def build_loader(data: DataConfig, *, split: str, train: bool, batch_size: int, seed: int = 0, rank: int = 0,

@@ -44,9 +44,8 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def on_cuda_unless_set(device: torch.device, setting: bool | None) -> bool:
-    """`setting` when given, else whether `device` is CUDA: the default of `data.compile_views` (on a
-    CPU, compiling every view shape costs more than the eager ops it saves in short runs and tests)
-    and of `data.device_crops` (on a CPU, the dense resampling matrices cost more than OpenCV)."""
+    """`setting` when given, else whether `device` is CUDA: how `data.compile_views` is resolved (on
+    a CPU, compiling every view shape costs more than the eager ops it saves in short runs and tests)."""
     return device.type == "cuda" if setting is None else setting
 
 

@@ -2,7 +2,8 @@
 
 Stock FFCV decodes once per pipeline, so two views would cost two JPEG decodes. Here each image
 is decoded once (libjpeg-turbo, or the raw pixels), then one of two ways, per `data.device_crops`
-(`None`: device crops on CUDA, host crops elsewhere):
+(`None`: device crops on CUDA for images of at most 1,024 px, else host crops;
+`loaders.builder.resolve_device_crops`):
 
 - **Device crops.** `WholeRGBImageDecoder` packs the whole decoded image into its sample's row;
   the device unpacks the batch (`loaders.crop.padded_images`) and makes every view there as the
@@ -50,9 +51,9 @@ from ffcv.pipeline.state import State
 from ffcv.traversal_order.base import TraversalOrder
 
 from loaders.augment import ViewSpec, param_uniforms, random_augment
-from loaders.builder import Batch, EpochLoader, LoaderSettings, worker_threads
+from loaders.builder import Batch, EpochLoader, LoaderSettings, resolve_device_crops, worker_threads
 from loaders.crop import padded_images, random_view, random_views
-from loaders.device import on_cuda_unless_set, to_device, view_function
+from loaders.device import to_device, view_function
 from loaders.eval_view import eval_resize_length, normalise
 from loaders.seeding import derive_seed
 from loaders.shards import open_converted
@@ -225,7 +226,7 @@ class FfcvLoader(EpochLoader):
         data = settings.data
         dataset = open_converted(data.root)
         super().__init__(settings, dataset.count(settings.split))
-        self.device_crops = settings.train and on_cuda_unless_set(settings.device, data.device_crops)
+        self.device_crops = settings.train and resolve_device_crops(data, settings.device)
         if self.device_crops:
             self.specs = settings.views()
             self.decoder = WholeRGBImageDecoder()

@@ -41,7 +41,7 @@ def test_prefetcher_on_cpu_passes_batches_and_set_epoch_through():
     assert [b.labels.item() for b in wrapped] == [21, 22, 23]
 
 
-def test_compiled_views_and_device_crops_are_on_cuda_by_default_only():
-    """`data.compile_views` and `data.device_crops`: None means on for CUDA only; a value wins."""
+def test_views_are_compiled_on_cuda_by_default_only():
+    """`data.compile_views`: None means on for CUDA only; a value wins."""
     assert on_cuda_unless_set(torch.device("cuda"), None) and not on_cuda_unless_set(torch.device("cpu"), None)
     assert on_cuda_unless_set(torch.device("cpu"), True) and not on_cuda_unless_set(torch.device("cuda"), False)

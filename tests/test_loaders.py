@@ -6,6 +6,7 @@ import math
 import weakref
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -252,6 +253,23 @@ def test_auto_backend_decision_table(monkeypatch, footprint, device, installed, 
     assert builder.resolve_backend(DataConfig(root="unused"), "train", torch.device(device)) == expected
     explicit = DataConfig(root="unused", backend="torchvision")
     assert builder.resolve_backend(explicit, "train", torch.device(device)) == "torchvision"
+
+
+@pytest.mark.parametrize("setting,device,max_resolution,expected", [
+    (None, "cuda", 512, True),  # the converter's default size
+    (None, "cuda", 1024, True),
+    (None, "cuda", 2048, False),  # too large to ship whole: cut on the host
+    (None, "cpu", 512, False),  # OpenCV beats the dense resampling matrices on a CPU
+    (True, "cpu", 2048, True),  # a value wins
+    (False, "cuda", 512, False),
+])
+def test_device_crops_decision_table(monkeypatch, setting, device, max_resolution, expected):
+    import loaders.shards
+
+    dataset = SimpleNamespace(manifest={"options": {"max_resolution": max_resolution}})
+    monkeypatch.setattr(loaders.shards, "open_converted", lambda root: dataset)
+    data = DataConfig(root="unused", device_crops=setting)
+    assert builder.resolve_device_crops(data, torch.device(device)) is expected
 
 
 CIFAR_CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*cifar*.yaml"))

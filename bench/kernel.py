@@ -40,9 +40,10 @@ def run(args: argparse.Namespace) -> dict:
             if device.startswith("cuda"):
                 out = torch.empty_like(images)
                 timings["copy"] = measure(lambda: out.copy_(images), repeats=args.repeats, device=device)
-            for backend in backends:
-                timings[backend] = measure(lambda: patchmix(images, patch, args.num_mix, perm=perm, backend=backend),
-                                           repeats=args.repeats, device=device)
+            generator = torch.Generator(device).manual_seed(0)
+            for backend in backends:  # as the training step calls it: no `perm=`, whose check reads the device
+                timings[backend] = measure(lambda: patchmix(images, patch, args.num_mix, generator=generator,
+                                                            backend=backend), repeats=args.repeats, device=device)
             ref_s = timings["reference"]["median_s"]
             copy_s = timings.get("copy", {}).get("median_s")
             for impl, t in timings.items():

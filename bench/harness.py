@@ -91,17 +91,22 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
 def report(benchmark: str, settings: dict, results: list[dict], columns: Sequence[str],
            json_path: str | None = None) -> dict:
     """Print the results table and, when asked, write the JSON record atomically."""
-    record = {
+    made = make_record(benchmark, settings, results)
+    print_table(results, columns)
+    if json_path:
+        save_record(made, json_path)
+    return made
+
+
+def make_record(benchmark: str, settings: dict, results: list[dict]) -> dict:
+    """The JSON record of a benchmark run: what ran, when, where, with which settings, and its results."""
+    return {
         "benchmark": benchmark,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
         "settings": settings,
         "results": results,
     }
-    print_table(results, columns)
-    if json_path:
-        save_record(record, json_path)
-    return record
 
 
 def save_record(record: dict, json_path: str) -> None:

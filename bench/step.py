@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.dispatch import OpCounter
-from bench.harness import measure, report
+from bench.harness import make_record, measure, report, save_record
 from kernels.patchmix import patchmix_targets
 from kernels.reference import patchmix_reference
 from model.batchnorm import convert_to_global
@@ -202,12 +202,25 @@ def run(args: argparse.Namespace) -> dict:
     on_gpu = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     peak = peak_flops(device)
+    settings = {"device": str(device), "compile": on_gpu and not args.no_compile, "repeats": args.repeats,
+                "precision": "bf16 (ours) / fp16+GradScaler (baseline)" if on_gpu else "fp32 (both)",
+                "graphs_counted_with": "dynamo, backend='eager'"}
+    columns = ["model", "batch", "impl", "step_ms", "images_per_s", "speedup", "mfu", "aten_ops", "sync_prone_ops",
+               "syncs_per_step", "world1_graphs", "world1_graph_breaks", "world2_graphs", "world2_graph_breaks"]
     results = []
     for name in args.models.split(","):
         spec = MODELS[name]
         batch = args.batch or (spec.gpu_batch if on_gpu else spec.cpu_batch)
         views = [torch.randn(shape, device=device) for shape in spec.view_shapes(batch)]
         flops_per_image = step_flops_per_image(lambda: build_framework(spec), spec.view_shapes(2))
+
+        def row(impl: str, timing: dict, ops: dict, syncs: int | None) -> dict:
+            images_per_s = batch / timing["median_s"]
+            return {"model": f"{spec.arch}/{spec.patch}@{spec.size}+{spec.local_crops}x96", "batch": batch,
+                    "impl": impl, "step_ms": 1e3 * timing["median_s"], "images_per_s": images_per_s, "speedup": None,
+                    "mfu": flops_per_image * images_per_s / peak if peak else None,
+                    "aten_ops": ops["aten_ops"], "sync_prone_ops": ops["sync_prone_ops"],
+                    "sync_prone_by_op": ops["sync_prone_by_op"], "syncs_per_step": syncs}
 
         model = build_model(spec, device)
         optimizer = build_optimizer(model, lr=1e-4)
@@ -219,7 +232,10 @@ def run(args: argparse.Namespace) -> dict:
         ours_ops = ops_per_step(lambda: train_step(model, model, optimizer, views, temperature=0.2, momentum=0.996,
                                                    bf16=on_gpu))
         ours_time = measure(ours, warmup=3, repeats=args.repeats, device=str(device))
-        ours_syncs = syncs_per_step(ours) if on_gpu else None
+        ours_row = row("patchmix-trainer", ours_time, ours_ops, syncs_per_step(ours) if on_gpu else None)
+        results.append(ours_row)
+        if args.json:  # so that a run stopped by a time limit during the baseline keeps our step's figures (MFU)
+            save_record(make_record("step", settings, results), args.json)
         del model, optimizer, step_model
 
         model = build_model(spec, device)
@@ -231,30 +247,14 @@ def run(args: argparse.Namespace) -> dict:
 
         published_ops = ops_per_step(published)
         published_time = measure(published, warmup=3, repeats=args.repeats, device=str(device))
-        published_syncs = syncs_per_step(published) if on_gpu else None
+        results.append(row("published-style", published_time, published_ops,
+                           syncs_per_step(published) if on_gpu else None))
+        ours_row["speedup"] = published_time["median_s"] / ours_time["median_s"]
+        results[-1]["speedup"] = 1.0
         del model, optimizer
 
-        graphs = {}  # dynamo's graphs are the same on every device: counted on CPU runs only
-        if not on_gpu:
-            graphs["world1"] = count_graphs(spec, 2)
+        if not on_gpu:  # dynamo's graphs are the same on every device: counted on CPU runs only
+            ours_row.update({f"world1_{key}": value for key, value in count_graphs(spec, 2).items()})
             if not args.no_world2:
-                graphs["world2"] = count_graphs_two_processes(spec, 2)
-        for impl, timing, ops, syncs in (("patchmix-trainer", ours_time, ours_ops, ours_syncs),
-                                         ("published-style", published_time, published_ops, published_syncs)):
-            images_per_s = batch / timing["median_s"]
-            row = {"model": f"{spec.arch}/{spec.patch}@{spec.size}+{spec.local_crops}x96", "batch": batch,
-                   "impl": impl, "step_ms": 1e3 * timing["median_s"], "images_per_s": images_per_s,
-                   "speedup": published_time["median_s"] / timing["median_s"],
-                   "mfu": flops_per_image * images_per_s / peak if peak else None,
-                   "aten_ops": ops["aten_ops"], "sync_prone_ops": ops["sync_prone_ops"],
-                   "sync_prone_by_op": ops["sync_prone_by_op"], "syncs_per_step": syncs}
-            if impl == "patchmix-trainer":
-                row.update({f"{world}_{key}": value for world, counts in graphs.items() for key, value in counts.items()})
-            results.append(row)
-    settings = {"device": str(device), "compile": on_gpu and not args.no_compile, "repeats": args.repeats,
-                "precision": "bf16 (ours) / fp16+GradScaler (baseline)" if on_gpu else "fp32 (both)",
-                "graphs_counted_with": "dynamo, backend='eager'"}
-    return report("step", settings, results,
-                  ["model", "batch", "impl", "step_ms", "images_per_s", "speedup", "mfu", "aten_ops", "sync_prone_ops",
-                   "syncs_per_step", "world1_graphs", "world1_graph_breaks", "world2_graphs", "world2_graph_breaks"],
-                  args.json)
+                ours_row.update({f"world2_{key}": value for key, value in count_graphs_two_processes(spec, 2).items()})
+    return report("step", settings, results, columns, args.json)

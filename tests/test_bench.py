@@ -1,5 +1,5 @@
 """The benchmark scripts run end to end at toy sizes: `bench.py all --json`, the loader benchmark's
-columns, and `bench/gpu_check.py`'s CPU smoke mode."""
+columns, the step benchmark's early record, and `bench/gpu_check.py`'s CPU smoke mode."""
 import argparse
 import json
 import subprocess
@@ -81,6 +81,27 @@ def test_loader_benchmark_reports_rate_cpu_and_ops(cifar_root, tmp_path):
         counts = rows["dali"]["dali_operators"]
         assert set(counts) >= {"cpu", "gpu"}
     assert json.loads((tmp_path / "loader.json").read_text())["results"][0]["backend"] == "torchvision"
+
+
+@pytest.mark.slow
+def test_step_benchmark_keeps_our_figures_when_the_baseline_does_not_finish(tmp_path, monkeypatch):
+    """On a GPU a time limit may stop the benchmark during the published-style baseline: our step's
+    row (images/s, MFU) is in the JSON as soon as it is measured."""
+    import bench.step
+
+    def cut_short(*args, **kwargs):
+        raise TimeoutError("stopped by a time limit")
+
+    parser = argparse.ArgumentParser()
+    bench.step.add_arguments(parser)
+    parser.add_argument("--json")
+    args = parser.parse_args(["--models", "vit_mini", "--batch", "8", "--repeats", "1", "--no-world2",
+                              "--json", str(tmp_path / "step.json")])
+    monkeypatch.setattr(bench.step, "published_step", cut_short)
+    with pytest.raises(TimeoutError):
+        bench.step.run(args)
+    (row,) = json.loads((tmp_path / "step.json").read_text())["results"]
+    assert row["impl"] == "patchmix-trainer" and row["images_per_s"] > 0 and row["speedup"] is None
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ modes: on CUDA pass `--eager-views` to count); for DALI the operators per iterat
 `--host` also times the host stages alone, on the same files and threads: raw libjpeg-turbo
 decoding (FFCV's `imdecode`, every image once), ffcv's host stage (decode once + every view's
 crop, no colour ops; and with `data.device_crops`, decode once, the views cut on the device) and
-torchvision's (PIL decode + a RandomResizedCrop per view).
+torchvision's (PIL decode + a RandomResizedCrop per view). `--device-crops` / `--host-crops` choose
+the ffcv backend's way for the end-to-end rows (default: `data.device_crops: null`).
 
 `--data` is a converted dataset (DIR/NAME). `--prepare imagenet|cifar10` builds one from
 ../shared/data first (the ImageNet sample replicated to `--replicate`×1000 images, or CIFAR-10)

@@ -3,6 +3,7 @@ a printed table and one JSON schema (`{"benchmark", "date", "environment", "sett
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import itertools
 import os
 import platform
@@ -66,11 +67,11 @@ def environment() -> dict:
         "cpu_cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
-    for module in ("triton", "timm", "ffcv", "nvidia.dali"):
-        try:
-            env[module] = __import__(module, fromlist=["__version__"]).__version__
-        except Exception:  # an optional backend that is absent or broken is reported as missing
-            env[module] = None
+    # Versions from the installed distributions' metadata, not by importing them: importing FFCV sets
+    # torch's thread count to 1 for the rest of the process, which would slow every later benchmark.
+    installed = {dist.metadata["Name"].lower(): dist.version for dist in importlib.metadata.distributions()}
+    for module, name in (("triton", "triton"), ("timm", "timm"), ("ffcv", "ffcv"), ("nvidia.dali", "nvidia-dali")):
+        env[module] = next((version for dist, version in sorted(installed.items()) if dist.startswith(name)), None)
     return env
 
 

@@ -200,5 +200,7 @@ def build_loader(data: DataConfig, *, split: str, train: bool, batch_size: int, 
     backend = resolve_backend(data, split, device)
     settings = LoaderSettings(data=data, split=split, train=train, batch_size=batch_size, seed=seed, rank=rank,
                               world_size=world_size, device=device, dtype=dtype)
+    threads = torch.get_num_threads()
     loader = importlib.import_module(BACKEND_MODULES[backend]).make_loader(settings)
+    torch.set_num_threads(threads)  # FFCV sets torch's thread count: to 1 when imported, to its workers' per Loader
     return prefetched(loader, device) if backend in ("memory", "ffcv") else loader

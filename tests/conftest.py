@@ -9,10 +9,19 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repository next to shared/, so the data is found relative to the repository root.
 SHARED_DATA = REPO.parent / "shared" / "data"
+# torch's thread count before any test module imports FFCV, which sets it to 1 on import (and to its
+# workers' count per Loader): every test starts from this one.
+TORCH_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def torch_threads() -> None:
+    torch.set_num_threads(TORCH_THREADS)
 
 
 def shared_file(name: str) -> Path:

@@ -123,6 +123,22 @@ def test_gpu_check_cpu_smoke_mode_every_check(tmp_path):
     assert set(checks["loaders"]) >= {"memory", "torchvision"}
 
 
+def test_environment_reads_versions_without_importing_ffcv(monkeypatch):
+    """The versions come from package metadata: importing FFCV would set torch's thread count to 1
+    for every later benchmark of the process."""
+    import sys
+
+    import torch
+
+    from bench.harness import environment
+
+    monkeypatch.delitem(sys.modules, "ffcv", raising=False)
+    torch.set_num_threads(3)
+    env = environment()
+    assert "ffcv" not in sys.modules and torch.get_num_threads() == 3
+    assert env["torch"] == torch.__version__ and set(env) >= {"triton", "timm", "ffcv", "nvidia.dali"}
+
+
 def test_gpu_check_rejects_an_unknown_check(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--device", "cpu", "--out", str(tmp_path),
                            "--checks", "nope"], cwd=REPO, capture_output=True, text=True)

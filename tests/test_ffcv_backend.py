@@ -72,6 +72,14 @@ def test_more_workers_than_cores(cifar_root: str) -> None:
     assert len(loader(cifar_root, workers=4 * os.cpu_count())) == 300 // CIFAR_BATCH
 
 
+def test_building_a_loader_keeps_torch_thread_count(cifar_root: str) -> None:
+    """FFCV sets torch's CPU thread count (to 1 on import, to its workers' per Loader); `build_loader`
+    puts it back, so a training process keeps its own."""
+    torch.set_num_threads(3)
+    loader(cifar_root, workers=1)
+    assert torch.get_num_threads() == 3
+
+
 IMAGENET_VIEWS = dict(batch_size=16, image_size=128, local_crops=2, local_size=96)  # 64 samples: 4 batches
 
 

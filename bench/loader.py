@@ -36,7 +36,7 @@ from bench.dispatch import OpCounter
 from bench.harness import endless, measure, report
 from configs.schema import DataConfig
 from loaders.builder import LoaderSettings, build_loader, resolve_device_crops
-from loaders.device import on_cuda_unless_set
+from loaders.device import compile_setting
 from loaders.shards import ShardSamples, open_converted
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -134,7 +134,7 @@ def backend_row(data: DataConfig, backend: str, args: argparse.Namespace, dtype:
         return {"backend": backend, "images_per_s": None, "note": f"unavailable: {error}"}
     batches = endless(loader)
     row = {"backend": backend, **timed(lambda: next(batches), args.batches, args.batch, args.device, args.warmup)}
-    if not on_cuda_unless_set(torch.device(args.device), data.compile_views):  # dynamo refuses dispatch modes
+    if not compile_setting(torch.device(args.device), data.compile_views):  # dynamo refuses dispatch modes
         with OpCounter() as counter:
             next(batches)
         row.update(aten_ops_per_batch=counter.total, sync_prone_per_batch=counter.total_sync_prone,
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         results += host_stages(data, args)
     settings = {"data": str(root), "size": args.size, "local_crops": args.local_crops, "batch": args.batch,
                 "workers": args.workers, "warmup": args.warmup, "batches": args.batches, "device": args.device,
-                "dtype": str(dtype), "compile_views": on_cuda_unless_set(torch.device(args.device), data.compile_views),
+                "dtype": str(dtype), "compile_views": compile_setting(torch.device(args.device), data.compile_views),
                 "device_crops": resolve_device_crops(data, torch.device(args.device)),
                 "threads": torch.get_num_threads()}
     record = report("loader", settings, results, ["backend", "images_per_s", "vs_torchvision", "cpu_s_per_image",

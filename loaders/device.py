@@ -10,8 +10,8 @@ batch while the current one trains.
   training stream waits for that side stream before it uses a batch (`wait_stream`, and
   `record_stream` so the allocator does not hand the batch's memory to the side stream too
   early). On CPU there is one stream, so it is a pass-through.
-- `on_cuda_unless_set`, `view_function`: whether the views are made by a `torch.compile`d graph
-  (CUDA) or eagerly, and the function that makes them.
+- `compile_setting`, `view_function`: whether the views are made by a `torch.compile`d graph (CUDA)
+  or eagerly, and the function that makes them.
 - `reuse_host_memory`: on CPU, glibc's allocator tuned for the eager augmentations' churn.
 """
 from __future__ import annotations
@@ -43,20 +43,20 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-def on_cuda_unless_set(device: torch.device, setting: bool | None) -> bool:
-    """`setting` when given, else whether `device` is CUDA: how `data.compile_views` is resolved (on
-    a CPU, compiling every view shape costs more than the eager ops it saves in short runs and tests)."""
-    return device.type == "cuda" if setting is None else setting
+def compile_setting(device: torch.device, compile_views: bool | None) -> bool:
+    """`compile_views` when given, else on for CUDA and off elsewhere: on a CPU, compiling every
+    view shape costs more than the eager ops it saves in short runs and tests."""
+    return device.type == "cuda" if compile_views is None else compile_views
 
 
 def view_function(fn: Callable, device: torch.device, compile_views: bool | None) -> Callable:
     """`fn` (a view's crop and/or augmentations), compiled as one graph per view shape when
-    `on_cuda_unless_set(device, compile_views)` says so.
+    `compile_setting` says so.
 
     Inductor's layout optimisation is off: it would store every intermediate of the colour ops
     channels-last for the sake of the blur's one small convolution, and on a CPU that made the
     fused colour kernel loop over the 3 channels instead of vectorising over pixels (2.4× slower)."""
-    if not on_cuda_unless_set(device, compile_views):
+    if not compile_setting(device, compile_views):
         return fn
     return torch.compile(fn, fullgraph=True, dynamic=False, options={"layout_optimization": False})
 

@@ -3,7 +3,7 @@ Loader interface (the CUDA side-stream path runs in `bench/gpu_check.py`)."""
 import torch
 
 from loaders.builder import Batch
-from loaders.device import Prefetcher, on_cuda_unless_set, prefetched, to_device
+from loaders.device import Prefetcher, compile_setting, prefetched, to_device
 
 
 class _Counting:
@@ -43,5 +43,5 @@ def test_prefetcher_on_cpu_passes_batches_and_set_epoch_through():
 
 def test_views_are_compiled_on_cuda_by_default_only():
     """`data.compile_views`: None means on for CUDA only; a value wins."""
-    assert on_cuda_unless_set(torch.device("cuda"), None) and not on_cuda_unless_set(torch.device("cpu"), None)
-    assert on_cuda_unless_set(torch.device("cpu"), True) and not on_cuda_unless_set(torch.device("cuda"), False)
+    assert compile_setting(torch.device("cuda"), None) and not compile_setting(torch.device("cpu"), None)
+    assert compile_setting(torch.device("cpu"), True) and not compile_setting(torch.device("cuda"), False)

@@ -302,6 +302,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checks", help="comma list of checks to run (default: all)")
     args = parser.parse_args()
+    # As train.py: TF32 matmuls and convolutions, which the loaders' crops and blur also run under.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checks = {"kernel": lambda: check_kernel(args.device), "compile": lambda: check_compile(args.device),

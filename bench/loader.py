@@ -185,13 +185,13 @@ def host_stages(data: DataConfig, args: argparse.Namespace) -> list[dict]:
     samples = ShardSamples(open_converted(data.root), "train")
     count = min(len(samples), args.batch * args.batches)
     encoded = [samples.read(i)[0] for i in range(count)]
+    settings = LoaderSettings(data=replace(data, backend="ffcv"), split="train", train=True, batch_size=args.batch)
     rows = [{"backend": "raw decode (libjpeg-turbo)", **raw_decode(encoded, args.workers)}]
     for device_crops, name in ((False, "ffcv host stage"), (True, "ffcv host stage, data.device_crops")):
-        settings = LoaderSettings(data=replace(data, backend="ffcv", device_crops=device_crops), split="train",
-                                  train=True, batch_size=args.batch)
-        host = endless(FfcvLoader(settings), batches=FfcvLoader.host_batches)
+        loader = FfcvLoader(replace(settings, data=replace(settings.data, device_crops=device_crops)))
+        host = endless(loader, batches=FfcvLoader.host_batches)
         rows.append({"backend": name, **timed(lambda: next(host), args.batches, args.batch, "cpu", args.warmup)})
-        del host
+        del host, loader
     rows.append({"backend": "torchvision host stage", **torchvision_host(samples, settings.views(), args)})
     for row in rows:
         row["vs_raw_decode"] = row["images_per_s"] / rows[0]["images_per_s"]

@@ -227,12 +227,9 @@ class FfcvLoader(EpochLoader):
         dataset = open_converted(data.root)
         super().__init__(settings, dataset.count(settings.split))
         self.device_crops = settings.train and resolve_device_crops(data, settings.device)
-        if self.device_crops:
+        if settings.train:
             self.specs = settings.views()
-            self.decoder = WholeRGBImageDecoder()
-        elif settings.train:
-            self.specs = settings.views()
-            self.decoder = MultiViewRGBImageDecoder(self.specs)
+            self.decoder = WholeRGBImageDecoder() if self.device_crops else MultiViewRGBImageDecoder(self.specs)
         else:
             self.specs = [ViewSpec(data.image_size, (1.0, 1.0))]
             self.decoder = MultiViewRGBImageDecoder(self.specs, short_side=eval_resize_length(data.image_size))

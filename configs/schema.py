@@ -23,8 +23,8 @@ class DataConfig:
     backend: str = "auto"  # auto | ffcv | dali | memory | torchvision
     workers: int = 0  # decoding threads/processes per rank; 0: this node's cores / its ranks (LOCAL_WORLD_SIZE)
     compile_views: bool | None = None  # torch.compile the views' crop + augmentations (memory, ffcv); None: on CUDA
-    # ffcv: ship whole decoded images and cut the views on the device; None: on CUDA, for images of at
-    # most 1,024 px (loaders.builder.resolve_device_crops)
+    # ffcv: ship whole decoded images and cut the views on the device; None: for images of at most
+    # 1,024 px, in training on CUDA and in evaluation everywhere (loaders.builder.resolve_device_crops)
     device_crops: bool | None = None
     image_size: int = 224  # global views (and evaluation) size
     global_scale: tuple[float, float] = (0.35, 1.0)

@@ -17,7 +17,8 @@ every op (PIL's hue shift is also quantised to 1/255 of the circle).
 
 The GPU contract (counted on CPU by `tests/test_loaders.py` with `bench.dispatch.OpCounter`): no
 op here reads a device value on the host or builds a tensor from host data per batch. Constant
-tensors (normalisation, hue offsets) are made once per device (`_device_constants`), and `apply`
+tensors (normalisation, hue offsets) are made once per device (`_hue_offsets`,
+`loaders.eval_view.mean_std`), and `apply`
 has no data-dependent shapes, so `torch.compile(apply, fullgraph=True)` is one graph; the
 loaders compile it on CUDA (`loaders.device.view_function`).
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
+from loaders.eval_view import mean_std, normalise
 
 SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize(img, 128) inverts values >= 128
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # torchvision's ColorJitter op ids (`fn_idx`)
@@ -110,7 +111,7 @@ def param_uniforms(batch: int, generator: torch.Generator) -> torch.Tensor:
     """`(B, PARAM_UNIFORMS)` uniforms in [0, 1) for one view's parameters: one `torch.rand` on
     `generator.device` (dynamo does not trace an explicit generator, so this stays eager). Also
     makes the device's constants, eagerly, so that a compiled `apply` reads them as inputs."""
-    _device_constants(generator.device)
+    _hue_offsets(generator.device)
     return torch.rand(batch, PARAM_UNIFORMS, generator=generator, device=generator.device)
 
 
@@ -165,8 +166,7 @@ def colour_and_normalise(images: torch.Tensor, params: AugmentParams, dtype: tor
         x = _gaussian_blur(x, params.sigma, params.blur, spec.blur_sigma[1])
     if spec.solarize_prob > 0:
         x = torch.where(_per_sample(params.solarize) & (x >= SOLARIZE_THRESHOLD), 1 - x, x)
-    constants = _device_constants(x.device)
-    return ((x - constants.mean) / constants.std).to(dtype)
+    return normalise(x, dtype)
 
 
 def augment(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator,
@@ -183,27 +183,18 @@ def random_augment(images: torch.Tensor, uniforms: torch.Tensor, spec: ViewSpec,
     return apply(images, params, dtype), params.decisions()
 
 
-@dataclass(frozen=True)
-class _DeviceConstants:
-    mean: torch.Tensor  # (1, 3, 1, 1) ImageNet mean
-    std: torch.Tensor
-    hue_offsets: torch.Tensor  # (1, 3, 1, 1): n = 5, 3, 1 of `_adjust_hue`'s closed form
+_HUE_OFFSETS: dict[torch.device, torch.Tensor] = {}
 
 
-_CONSTANTS: dict[torch.device, _DeviceConstants] = {}
-
-
-def _device_constants(device: torch.device) -> _DeviceConstants:
+def _hue_offsets(device: torch.device) -> torch.Tensor:
     """The constants of `device`, made once (`param_uniforms` makes them, eagerly, before any view is
-    augmented): a batch builds no tensor from host data, and a compiled graph reads them as inputs."""
-    constants = _CONSTANTS.get(device)
-    if constants is None:
-        def channels(values: tuple[float, ...]) -> torch.Tensor:
-            return torch.tensor(values, device=device).view(1, 3, 1, 1)
-
-        constants = _CONSTANTS[device] = _DeviceConstants(channels(IMAGENET_MEAN), channels(IMAGENET_STD),
-                                                          channels((5.0, 3.0, 1.0)))
-    return constants
+    augmented): a batch builds no tensor from host data, and a compiled graph reads them as inputs.
+    Returns `_adjust_hue`'s `(1, 3, 1, 1)` offsets n = 5, 3, 1, and makes `normalise`'s mean and std."""
+    mean_std(device)
+    offsets = _HUE_OFFSETS.get(device)
+    if offsets is None:
+        offsets = _HUE_OFFSETS[device] = torch.tensor((5.0, 3.0, 1.0), device=device).view(1, 3, 1, 1)
+    return offsets
 
 
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
@@ -256,7 +247,7 @@ def _adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     value_plane = value[:, 0]
     sector = torch.where(value_plane == red, bc - gc, torch.where(value_plane == green, 2 + rc - bc, 4 + gc - rc))
     hue6 = 6 * _mod(sector / 6 + hue.view(-1, 1, 1), 1)[:, None]
-    k = _mod(_device_constants(x.device).hue_offsets + hue6, 6)
+    k = _mod(_hue_offsets(x.device) + hue6, 6)
     return value - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 

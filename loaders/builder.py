@@ -178,18 +178,20 @@ def resolve_backend(data: DataConfig, split: str, device: torch.device) -> str:
 DEVICE_CROPS_MAX_SIDE = 1024  # the largest images `data.device_crops: null` ships whole (3 MB each, padded)
 
 
-def resolve_device_crops(data: DataConfig, device: torch.device) -> bool:
-    """`data.device_crops`, or for `null`: on CUDA, when the dataset's images are at most
-    `DEVICE_CROPS_MAX_SIDE` px on a side (its `--max-resolution`; the converter's default is 512).
-    The ffcv backend then ships each training image whole, padded to the file's largest, and cuts
-    its views on the device; larger images would cost transfers and device memory, so their views
-    are cut on the host."""
+def resolve_device_crops(data: DataConfig, device: torch.device, train: bool = True) -> bool:
+    """`data.device_crops`, or for `null`: when the dataset's images are at most `DEVICE_CROPS_MAX_SIDE`
+    px on a side (its `--max-resolution`; the converter's default is 512), for training on CUDA and
+    for evaluation on any device. The ffcv backend then ships each image whole, padded to the file's
+    largest, and cuts its views on the device with the recipe's filter (PIL's bicubic). Training on
+    a CPU cuts on the host, where OpenCV is faster than dense resampling matrices; evaluation is one
+    view per image, so it pays the matrices everywhere for the published evaluation view, the same
+    on every device. Larger images would cost transfers and device memory: cut on the host."""
     if data.device_crops is not None:
         return data.device_crops
     from loaders.shards import open_converted
 
-    return (device.type == "cuda"
-            and open_converted(data.root).manifest["options"]["max_resolution"] <= DEVICE_CROPS_MAX_SIDE)
+    small = open_converted(data.root).manifest["options"]["max_resolution"] <= DEVICE_CROPS_MAX_SIDE
+    return small and (device.type == "cuda" or not train)
 
 
 def build_loader(data: DataConfig, *, split: str, train: bool, batch_size: int, seed: int = 0, rank: int = 0,

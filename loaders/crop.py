@@ -20,6 +20,10 @@ backend (and the ffcv backend with `data.device_crops`) compiles: only the two `
 that make the uniforms stay eager (dynamo does not trace an explicit `torch.Generator`), where
 drawing eagerly took ~90 tiny `(B,)`-sized ops per view, each a kernel launch on a GPU.
 
+`centre_view` is the evaluation view of padded images by the same two matmuls (the resize of the
+short side to `size·256/224` and the centre crop, computed only at the crop's pixels): what the
+ffcv backend evaluates with `data.device_crops`.
+
 Why not `grid_sample` or `roi_align`: grid_sample's bicubic is a = −0.75 and never antialiases
 (a 400-px crop shrunk to 224 would alias); roi_align is bilinear. The dense matrices cost
 `B·S·(H+W)` floats and two matmuls of `2·B·3·S·H·(W+S)` FLOPs: nothing for CIFAR; for a 128-image
@@ -32,6 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from loaders.augment import AugmentParams, ViewSpec, colour_and_normalise, param_uniforms, params_from_uniforms
+from loaders.eval_view import eval_resize_length, normalise
 
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its centre-crop fallback
@@ -93,17 +98,53 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: tor
     """Crop each `(B, C, H, W)` image (uint8, or float in [0, 1]) to its box and resize it to
     `size × size` with PIL's bicubic; returns float32 in [0, 1] (clamped, like PIL's uint8).
     Samples where the `(B,)` bool `flip` is set come out mirrored left to right, at no cost."""
-    batch, channels, height, width = images.shape
+    height, width = images.shape[-2:]
     top, left, box_h, box_w = boxes.to(images.device).unbind(dim=1)
-    rows = _bicubic_weights(top, box_h, height, size)
-    cols = _bicubic_weights(left, box_w, width, size)
+    rows = _bicubic_weights(top, box_h.to(torch.float32) / size, top, top + box_h, height, size)
+    cols = _bicubic_weights(left, box_w.to(torch.float32) / size, left, left + box_w, width, size)
     if flip is not None:
         cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    return _resample(images, rows, cols)
+
+
+def resized_centre_crop(images: torch.Tensor, sizes: torch.Tensor, size: int) -> torch.Tensor:
+    """The evaluation crop (`loaders.eval_view.eval_view`: torchvision's `Resize(eval_resize_length(size))`
+    with PIL's bicubic, then `CenterCrop(size)`) of each image of a padded `(B, C, H, W)` batch
+    (`sizes`: `(B, 2)` int64 heights and widths, as `padded_images` takes them); float32 in [0, 1].
+
+    Only the crop's pixels are computed: output row `u` is the resized image's row `top + u`, centred
+    at `(top + u + 0.5)·h/new_h` in the image, whose taps the filter takes from the whole image (a
+    resize, unlike a crop, reads beyond the window it keeps)."""
+    height, width = sizes.to(torch.float64).unbind(dim=1)
+    short = eval_resize_length(size)
+    # torchvision: the short side to `short`, the long one to int(short · long / short side); a square counts as wide.
+    tall = width <= height
+    new_h = torch.where(tall, torch.floor(short * height / width), short)
+    new_w = torch.where(tall, short, torch.floor(short * width / height))
+    weights = []
+    for old, new, padded in ((height, new_h, images.shape[-2]), (width, new_w, images.shape[-1])):
+        scale = old / new
+        first = torch.round((new - size) / 2)  # torchvision's centre crop: round half to even
+        weights.append(_bicubic_weights((first * scale).to(torch.float32), scale.to(torch.float32),
+                                         torch.zeros_like(old), old, padded, size))
+    return _resample(images, *weights)
+
+
+def centre_view(images: torch.Tensor, sizes: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The normalised evaluation view in `dtype` of padded images (`resized_centre_crop`): what the ffcv
+    backend compiles for evaluation with `data.device_crops`."""
+    return normalise(resized_centre_crop(images, sizes, size), dtype)
+
+
+def _resample(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`rows · image · colsᵀ` per sample and channel, from uint8 or [0, 1] float images, in float32:
+    the horizontal pass first, clamped to [0, 1] as PIL clamps its intermediate uint8 image; then
+    the vertical one, clamped too."""
+    batch, channels, height, width = images.shape
     if images.dtype == torch.uint8:
         cols = cols / 255  # fold the uint8 -> [0, 1] scaling into the weights
-    # Horizontal pass first, clamped as PIL clamps its intermediate uint8 image; then vertical.
     out = torch.bmm(images.to(torch.float32).reshape(batch, channels * height, width), cols.transpose(1, 2))
-    out = out.clamp_(0, 1).view(batch, channels, height, size)
+    out = out.clamp_(0, 1).view(batch, channels, height, cols.shape[1])
     return (rows[:, None] @ out).clamp_(0, 1)
 
 
@@ -171,17 +212,18 @@ def random_resized_crop(images: torch.Tensor, spec: ViewSpec,
     return resized_crop(images, boxes, spec.size), boxes
 
 
-def _bicubic_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
-    """`(B, out_size, in_size)` resampling matrices of PIL's bicubic from `[start, start+length)`.
-
-    Output pixel `u` is centred at `(u + 0.5)·length/out_size` in box coordinates; input pixel
-    `x` at `x − start + 0.5`. When shrinking, the cubic is stretched by the scale (antialias).
-    """
-    scale = (length.to(torch.float32) / out_size)[:, None, None]
+def _bicubic_weights(start: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                     in_size: int, out_size: int) -> torch.Tensor:
+    """`(B, out_size, in_size)` resampling matrices of PIL's bicubic, per sample: output pixel `u`
+    centred at `start + (u + 0.5)·scale` in input coordinates (input pixel `x` at `x + 0.5`), its
+    taps the input pixels in `[low, high)` (the crop's box, or the whole image), renormalised.
+    When shrinking (`scale > 1`), the cubic is stretched by the scale (antialias)."""
+    scale = scale[:, None, None]
     stretch = scale.clamp(min=1.0)
     centre = (torch.arange(out_size, device=start.device) + 0.5)[None, :, None] * scale
-    position = (torch.arange(in_size, device=start.device) - start[:, None] + 0.5)[:, None, :]
-    inside = (position > 0) & (position < length[:, None, None])
+    pixels = torch.arange(in_size, device=start.device)
+    position = (pixels - start[:, None] + 0.5)[:, None, :]
+    inside = (pixels >= low[:, None, None]) & (pixels < high[:, None, None])
     weights = _cubic((position - centre) / stretch) * inside
     return weights / weights.sum(dim=-1, keepdim=True)
 

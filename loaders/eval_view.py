@@ -20,10 +20,25 @@ def eval_resize_length(size: int) -> int:
     return int(size * 256 / 224)
 
 
+_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std as `(3, 1, 1)` tensors on `device`, made once per device: a batch
+    then builds no tensor from host data (on CUDA, a copy the host waits for), and a compiled graph
+    reads them as inputs. Call it eagerly before compiling a function that normalises."""
+    constants = _MEAN_STD.get(device)
+    if constants is None:
+        constants = _MEAN_STD[device] = tuple(torch.tensor(values, device=device).view(3, 1, 1)
+                                              for values in (IMAGENET_MEAN, IMAGENET_STD))
+    return constants
+
+
 def normalise(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 `(…, 3, H, W)` in [0, 255] (or float in [0, 1]) -> ImageNet-normalised `dtype`."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    return TF2.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD)).to(dtype)
+    mean, std = mean_std(images.device)
+    return ((x - mean) / std).to(dtype)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

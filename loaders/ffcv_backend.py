@@ -2,7 +2,7 @@
 
 Stock FFCV decodes once per pipeline, so two views would cost two JPEG decodes. Here each image
 is decoded once (libjpeg-turbo, or the raw pixels), then one of two ways, per `data.device_crops`
-(`None`: device crops on CUDA for images of at most 1,024 px, else host crops;
+(`None`: device crops in training on CUDA for images of at most 1,024 px, else host crops;
 `loaders.builder.resolve_device_crops`):
 
 - **Device crops.** `WholeRGBImageDecoder` packs the whole decoded image into its sample's row;
@@ -16,8 +16,12 @@ is decoded once (libjpeg-turbo, or the raw pixels), then one of two ways, per `d
   `(seed, epoch, index)`, so they do not depend on which thread decoded what. A sample's views
   are packed into one uint8 row, and the rest of the recipe (colour jitter, grayscale, blur,
   solarize, flip, normalise) runs batched on the device (`loaders.augment.random_augment`,
-  uniforms from the per-batch generator). Evaluation always cuts on the host: torchvision's
-  resize and centre crop.
+  uniforms from the per-batch generator).
+
+Evaluation resizes and centre-crops each image (`loaders.eval_view`), the same two ways: on the
+device with PIL's bicubic (`loaders.crop.centre_view`; `data.device_crops: null` picks it on every
+device for images of at most 1,024 px, so a checkpoint's kNN accuracy does not depend on where it
+was measured), or on the host with OpenCV's INTER_AREA, whose filter is not the recipe's.
 
 The device stage (`_device_stage`) makes the host wait for nothing: pixels, labels, areas or
 sizes and indices go through pinned memory with non-blocking copies (`loaders.device.to_device`),
@@ -52,9 +56,9 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from loaders.augment import ViewSpec, param_uniforms, random_augment
 from loaders.builder import Batch, EpochLoader, LoaderSettings, resolve_device_crops, worker_threads
-from loaders.crop import padded_images, random_view, random_views
+from loaders.crop import centre_view, padded_images, random_view, random_views
 from loaders.device import to_device, view_function
-from loaders.eval_view import eval_resize_length, normalise
+from loaders.eval_view import eval_resize_length, mean_std, normalise
 from loaders.seeding import derive_seed
 from loaders.shards import open_converted
 
@@ -226,13 +230,10 @@ class FfcvLoader(EpochLoader):
         data = settings.data
         dataset = open_converted(data.root)
         super().__init__(settings, dataset.count(settings.split))
-        self.device_crops = settings.train and resolve_device_crops(data, settings.device)
-        if settings.train:
-            self.specs = settings.views()
-            self.decoder = WholeRGBImageDecoder() if self.device_crops else MultiViewRGBImageDecoder(self.specs)
-        else:
-            self.specs = [ViewSpec(data.image_size, (1.0, 1.0))]
-            self.decoder = MultiViewRGBImageDecoder(self.specs, short_side=eval_resize_length(data.image_size))
+        self.device_crops = resolve_device_crops(data, settings.device, settings.train)
+        self.specs = settings.views() if settings.train else [ViewSpec(data.image_size, (1.0, 1.0))]
+        short_side = None if settings.train else eval_resize_length(data.image_size)
+        self.decoder = WholeRGBImageDecoder() if self.device_crops else MultiViewRGBImageDecoder(self.specs, short_side)
         self.traversal = _FfcvOrder(self.order().numpy())
         threads = min(worker_threads(data.workers), numba.config.NUMBA_NUM_THREADS)  # numba refuses more
         self.loader = Loader(str(dataset.ffcv_file(settings.split)), batch_size=settings.batch_size,
@@ -241,8 +242,10 @@ class FfcvLoader(EpochLoader):
                              pipelines={"image": PipelineSpec("image", decoder=self.decoder),
                                         "label": [IntDecoder()]})
         if self.device_crops:
+            mean_std(settings.device)  # made eagerly, so that a compiled `centre_view` reads them as inputs
             self.unpack = view_function(padded_images, settings.device, data.compile_views)
-            self.make_view = view_function(random_view, settings.device, data.compile_views)
+            self.make_view = view_function(random_view if settings.train else centre_view, settings.device,
+                                           data.compile_views)
         else:
             self.make_view = view_function(random_augment, settings.device, data.compile_views)
 
@@ -281,6 +284,8 @@ class FfcvLoader(EpochLoader):
         pixels, per_sample, labels, indices = (to_device(t, s.device) for t in (pixels, per_sample, labels, indices))
         if self.device_crops:
             images = self.unpack(pixels, per_sample, self.decoder.height, self.decoder.width)
+            if not s.train:
+                return Batch([self.make_view(images, per_sample, s.data.image_size, s.dtype)], labels, indices)
             views, params = random_views(self.make_view, images, self.specs, self._generator(number), s.dtype,
                                          per_sample)
             return Batch(views, labels, indices, params)

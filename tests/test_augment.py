@@ -16,10 +16,10 @@ from torchvision.transforms import InterpolationMode
 
 from loaders.augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, SOLARIZE_THRESHOLD, ViewSpec, _mod, apply,
                              augment, draw_params, param_uniforms, random_augment, recipe_views)
-from loaders.crop import (box_uniforms, crop_boxes, make_view, padded_images, random_resized_crop, random_view,
-                          resized_crop)
+from loaders.crop import (box_uniforms, centre_view, crop_boxes, make_view, padded_images, random_resized_crop,
+                          random_view, resized_crop)
 from loaders.device import view_function
-from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD
+from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD, eval_view
 
 # Every op off: `apply` only normalises. Tests switch on the op they check.
 PLAIN = ViewSpec(16, (0.5, 1.0), jitter_prob=0.0, grayscale_prob=0.0, flip_prob=0.0)
@@ -396,11 +396,14 @@ def test_random_view_is_the_drawn_boxes_and_params_made_into_a_view():
 SIZES = [(40, 36), (23, 51), (60, 60), (9, 14)]  # images of different sizes, padded to (60, 60)
 
 
-def _packed(seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Uint8 images of `SIZES` and their rows as FFCV's whole-image decoder packs them: each image's
-    `(h, w, 3)` pixels at the start of its row, random bytes after; and their `(B, 2)` sizes."""
+def _packed(seed: int = 0, smooth: bool = False) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Uint8 images of `SIZES` (random bytes, or `_smooth`) and their rows as FFCV's whole-image
+    decoder packs them: each image's `(h, w, 3)` pixels at the start of its row, random bytes after;
+    and their `(B, 2)` sizes."""
     generator = torch.Generator().manual_seed(seed)
-    images = [torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8) for h, w in SIZES]
+    images = [(_smooth(1, h, w, seed + i)[0] * 255).round().to(torch.uint8) if smooth
+              else torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8)
+              for i, (h, w) in enumerate(SIZES)]
     rows = torch.randint(0, 256, (len(SIZES), 3 * 60 * 60), generator=generator, dtype=torch.uint8)
     for row, image in zip(rows, images):
         row[:image.numel()] = image.permute(1, 2, 0).flatten()
@@ -430,10 +433,24 @@ def test_random_view_of_padded_images_is_each_image_on_its_own():
         assert all(torch.equal(reported[k][i:i + 1], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("fn", ["random_view", "random_augment", "padded"])
+@pytest.mark.parametrize("size", [24, 32])
+def test_centre_view_of_padded_images_matches_pil_eval_view(size):
+    """What the ffcv backend evaluates with `data.device_crops`: the published evaluation view (PIL's
+    bicubic resize of the short side to `size·256/224`, centre crop) of images of different sizes
+    padded to one: wide, tall, square, shrunk, at scale 1 and enlarged. Equal to `eval_view` of each
+    PIL image up to PIL's two uint8 roundings, whatever the padding holds."""
+    images, rows, sizes = _packed(5, smooth=True)
+    views = centre_view(padded_images(rows, sizes, 60, 60), sizes, size, torch.float32)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for view, image in zip(views, images):
+        expected = eval_view(Image.fromarray(image.permute(1, 2, 0).numpy()), size)
+        _close(view * std, expected * std, atol=1.5 / 255)
+
+
+@pytest.mark.parametrize("fn", ["random_view", "random_augment", "padded", "centre"])
 def test_view_compiles_to_one_graph_equal_to_eager(fn):
     """What the backends compile, drawing included (`padded`: ffcv's with `data.device_crops`, the
-    unpacking of the rows and a view of the padded images): fullgraph=True, so dynamo would raise
+    unpacking of the rows and a view of the padded images; `centre`: its evaluation view): fullgraph=True, so dynamo would raise
     at a graph break (a host read, a data-dependent shape). The `aot_eager` backend runs the traced
     graph with eager kernels, so it must equal eager exactly."""
     images, box_u, param_u, spec = _uniform_inputs(2)
@@ -442,6 +459,13 @@ def test_view_compiles_to_one_graph_equal_to_eager(fn):
         function, args = random_view, (images, box_u, param_u, spec, torch.bfloat16)
     elif fn == "random_augment":
         function, args = random_augment, (images, param_u, spec, torch.bfloat16)
+    elif fn == "centre":
+        _, rows, sizes = _packed(2)
+
+        def function(rows, sizes):
+            return centre_view(padded_images(rows, sizes, 60, 60), sizes, 24, torch.bfloat16), {}
+
+        args = rows, sizes
     else:
         _, rows, sizes = _packed(2)
 
@@ -459,7 +483,8 @@ def test_view_compiles_to_one_graph_equal_to_eager(fn):
 @pytest.mark.parametrize("padded", [False, True])
 def test_view_compiled_by_inductor_matches_eager(padded):
     """The real compiler as the loaders call it (C++ kernels on CPU, Triton on CUDA): equal to eager up
-    to fp32 reassociation; `padded`: ffcv's device crops, the rows' unpacking compiled too."""
+    to fp32 reassociation; `padded`: ffcv's device crops, the rows' unpacking compiled too, and its
+    evaluation view."""
     images, box_u, param_u, spec = _uniform_inputs(3)
     sizes = None
     torch._dynamo.reset()
@@ -468,6 +493,8 @@ def test_view_compiled_by_inductor_matches_eager(padded):
         box_u, param_u = box_u[:4], param_u[:4]
         images = padded_images(rows, sizes, 60, 60)
         assert torch.equal(view_function(padded_images, rows.device, True)(rows, sizes, 60, 60), images)
+        _close(view_function(centre_view, images.device, True)(images, sizes, 24, torch.float32),
+               centre_view(images, sizes, 24, torch.float32))
     compiled, _ = view_function(random_view, images.device, True)(images, box_u, param_u, spec, torch.float32, sizes)
     _close(compiled, random_view(images, box_u, param_u, spec, torch.float32, sizes)[0])
 

@@ -196,8 +196,8 @@ def test_set_epoch_start_batch_yields_the_rest_of_the_epoch_unchanged(backend, c
 
 
 def test_memory_loader_steady_state_batch_has_no_sync_prone_op(cifar_root):
-    """The memory backend's per-batch work (2 global + 2 local views), counted in eager mode: nothing
-    that would make the host wait for a GPU (`bench.dispatch.OpCounter`)."""
+    """The memory backend's per-batch work (2 global + 2 local views; then an evaluation batch),
+    counted in eager mode: nothing that would make the host wait for a GPU (`bench.dispatch.OpCounter`)."""
     from bench.dispatch import OpCounter
 
     loader = build_loader(data_config(cifar_root, "memory", local_crops=2), split="train", train=True,
@@ -209,6 +209,11 @@ def test_memory_loader_steady_state_batch_has_no_sync_prone_op(cifar_root):
         next(it)
     assert counter.total > 500  # every view's crop and augmentations were seen
     assert counter.sync_prone == {}, counter.sync_prone
+    evaluation = iter(build_loader(data_config(cifar_root, "memory"), split="val", train=False, batch_size=BATCH))
+    next(evaluation)
+    with OpCounter() as counter:
+        next(evaluation)
+    assert counter.total > 10 and counter.sync_prone == {}, counter.sync_prone
 
 
 def test_memory_batch_launches_two_ops_per_view_besides_its_compiled_views(cifar_root):
@@ -255,21 +260,23 @@ def test_auto_backend_decision_table(monkeypatch, footprint, device, installed, 
     assert builder.resolve_backend(explicit, "train", torch.device(device)) == "torchvision"
 
 
-@pytest.mark.parametrize("setting,device,max_resolution,expected", [
-    (None, "cuda", 512, True),  # the converter's default size
-    (None, "cuda", 1024, True),
-    (None, "cuda", 2048, False),  # too large to ship whole: cut on the host
-    (None, "cpu", 512, False),  # OpenCV beats the dense resampling matrices on a CPU
-    (True, "cpu", 2048, True),  # a value wins
-    (False, "cuda", 512, False),
+@pytest.mark.parametrize("setting,device,train,max_resolution,expected", [
+    (None, "cuda", True, 512, True),  # the converter's default size
+    (None, "cuda", True, 1024, True),
+    (None, "cuda", True, 2048, False),  # too large to ship whole: cut on the host
+    (None, "cpu", True, 512, False),  # OpenCV beats the dense resampling matrices on a CPU
+    (None, "cpu", False, 512, True),  # evaluation: the recipe's filter on every device
+    (None, "cpu", False, 2048, False),
+    (True, "cpu", True, 2048, True),  # a value wins
+    (False, "cuda", False, 512, False),
 ])
-def test_device_crops_decision_table(monkeypatch, setting, device, max_resolution, expected):
+def test_device_crops_decision_table(monkeypatch, setting, device, train, max_resolution, expected):
     import loaders.shards
 
     dataset = SimpleNamespace(manifest={"options": {"max_resolution": max_resolution}})
     monkeypatch.setattr(loaders.shards, "open_converted", lambda root: dataset)
     data = DataConfig(root="unused", device_crops=setting)
-    assert builder.resolve_device_crops(data, torch.device(device)) is expected
+    assert builder.resolve_device_crops(data, torch.device(device), train) is expected
 
 
 CIFAR_CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*cifar*.yaml"))

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from loaders.augment import AugmentParams, ViewSpec, colour_and_normalise, param_uniforms, params_from_uniforms
-from loaders.eval_view import eval_resize_length, normalise
+from loaders.eval_view import eval_window, normalise
 
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its centre-crop fallback
@@ -112,22 +112,13 @@ def resized_centre_crop(images: torch.Tensor, sizes: torch.Tensor, size: int) ->
     with PIL's bicubic, then `CenterCrop(size)`) of each image of a padded `(B, C, H, W)` batch
     (`sizes`: `(B, 2)` int64 heights and widths, as `padded_images` takes them); float32 in [0, 1].
 
-    Only the crop's pixels are computed: output row `u` is the resized image's row `top + u`, centred
-    at `(top + u + 0.5)·h/new_h` in the image, whose taps the filter takes from the whole image (a
-    resize, unlike a crop, reads beyond the window it keeps)."""
-    height, width = sizes.to(torch.float64).unbind(dim=1)
-    short = eval_resize_length(size)
-    # torchvision: the short side to `short`, the long one to int(short · long / short side); a square counts as wide.
-    tall = width <= height
-    new_h = torch.where(tall, torch.floor(short * height / width), short)
-    new_w = torch.where(tall, short, torch.floor(short * width / height))
-    weights = []
-    for old, new, padded in ((height, new_h, images.shape[-2]), (width, new_w, images.shape[-1])):
-        scale = old / new
-        first = torch.round((new - size) / 2)  # torchvision's centre crop: round half to even
-        weights.append(_bicubic_weights((first * scale).to(torch.float32), scale.to(torch.float32),
-                                         torch.zeros_like(old), old, padded, size))
-    return _resample(images, *weights)
+    Only the crop's pixels are computed: those of `eval_window`, each output pixel's taps taken from
+    the whole image (a resize, unlike a crop, reads beyond the window it keeps)."""
+    start, end = eval_window(*sizes.unbind(dim=1), size)
+    rows, cols = (_bicubic_weights(start[:, axis].float(), ((end[:, axis] - start[:, axis]) / size).float(),
+                                   torch.zeros_like(sizes[:, axis]), sizes[:, axis], images.shape[axis - 2], size)
+                  for axis in (0, 1))
+    return _resample(images, rows, cols)
 
 
 def centre_view(images: torch.Tensor, sizes: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:

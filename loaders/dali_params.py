@@ -24,7 +24,7 @@ from PIL import Image
 from loaders.augment import ViewSpec, draw_params
 from loaders.builder import LoaderSettings
 from loaders.crop import crop_boxes
-from loaders.eval_view import eval_resize_length
+from loaders.eval_view import eval_window
 from loaders.shards import ShardSamples
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, torchvision's and PIL's grayscale
@@ -112,23 +112,6 @@ def draw_view(heights: torch.Tensor, widths: torch.Tensor, spec: ViewSpec,
     return inputs, decisions.float().numpy()
 
 
-def eval_window(heights: torch.Tensor, widths: torch.Tensor, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ROI (`(y, x)` start and end, float32 `(B, 2)`) of each input that torchvision's eval
-    transform keeps: `resize(int(size·256/224))` (short side to that length, long side
-    `int(short·long/short)`) then `center_crop(size)` (offset `round((resized − size)/2)`, half to
-    even), mapped back to input pixels."""
-    short = eval_resize_length(size)
-    heights, widths = heights.double(), widths.double()
-    portrait = widths <= heights  # torchvision's `short, long = (w, h) if w <= h else (h, w)`
-    new_h = torch.where(portrait, torch.floor(short * heights / widths), short)
-    new_w = torch.where(portrait, short, torch.floor(short * widths / heights))
-    top, left = torch.round((new_h - size) / 2), torch.round((new_w - size) / 2)
-    scale_y, scale_x = heights / new_h, widths / new_w
-    start = torch.stack([top * scale_y, left * scale_x], dim=1)
-    end = torch.stack([(top + size) * scale_y, (left + size) * scale_x], dim=1)
-    return start.float().numpy(), end.float().numpy()
-
-
 class EpochState:
     """Which epoch, first and end batch the source produces: three int64 in a small shared file,
     written by the loader and read by every worker process at each batch."""
@@ -198,7 +181,7 @@ class BatchSource:
         head = ([np.frombuffer(data, np.uint8) for data in encoded], np.array(labels, np.int64),
                 np.array(indices, np.int64))
         if not self.settings.train:
-            return head + eval_window(heights, widths, self.settings.data.image_size)
+            return head + tuple(t.float().numpy() for t in eval_window(heights, widths, self.settings.data.image_size))
         generator = torch.Generator().manual_seed(self.settings.batch_seed(epoch, batch))
         views, decisions = zip(*(draw_view(heights, widths, spec, generator) for spec in self.specs))
         shared = [np.stack([v[name] for v in views], axis=1) for name in ("grey", "invert")]

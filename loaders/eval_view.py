@@ -2,8 +2,8 @@
 `size`, ImageNet normalisation (docs/method.md §7).
 
 `eval_view` is the PIL reference (the torchvision backend, kNN, linear and fine-tune protocols);
-`eval_views` is its batched uint8-tensor twin (memory backend); the FFCV and DALI backends compute
-the same window with `eval_resize_length`. `normalise` is the one uint8 → normalised conversion.
+`eval_views` is its batched uint8-tensor twin (memory backend); the FFCV and DALI backends resize
+the window `eval_window` of each image. `normalise` is the one uint8 → normalised conversion.
 """
 import torch
 import torchvision.transforms as T
@@ -18,6 +18,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def eval_resize_length(size: int) -> int:
     """The short side the image is resized to before the centre crop of `size`."""
     return int(size * 256 / 224)
+
+
+def eval_window(heights: torch.Tensor, widths: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window of each `(heights[i], widths[i])` image that the evaluation view shows, as float64
+    `(B, 2)` `(y, x)` starts and ends in input pixels: torchvision's `Resize(eval_resize_length(size))`
+    (short side to that length, long side `int(short·long/short)`) then `CenterCrop(size)` (offset
+    `round((resized − size)/2)`, half to even), mapped back through the resize's scale."""
+    short = eval_resize_length(size)
+    heights, widths = heights.double(), widths.double()
+    portrait = widths <= heights  # torchvision's `short, long = (w, h) if w <= h else (h, w)`
+    new_h = torch.where(portrait, torch.floor(short * heights / widths), short)
+    new_w = torch.where(portrait, short, torch.floor(short * widths / heights))
+    top, left = torch.round((new_h - size) / 2), torch.round((new_w - size) / 2)
+    scale_y, scale_x = heights / new_h, widths / new_w
+    start = torch.stack([top * scale_y, left * scale_x], dim=1)
+    end = torch.stack([(top + size) * scale_y, (left + size) * scale_x], dim=1)
+    return start, end
 
 
 _MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -450,9 +450,9 @@ def test_centre_view_of_padded_images_matches_pil_eval_view(size):
 @pytest.mark.parametrize("fn", ["random_view", "random_augment", "padded", "centre"])
 def test_view_compiles_to_one_graph_equal_to_eager(fn):
     """What the backends compile, drawing included (`padded`: ffcv's with `data.device_crops`, the
-    unpacking of the rows and a view of the padded images; `centre`: its evaluation view): fullgraph=True, so dynamo would raise
-    at a graph break (a host read, a data-dependent shape). The `aot_eager` backend runs the traced
-    graph with eager kernels, so it must equal eager exactly."""
+    unpacking of the rows and a view of the padded images; `centre`: its evaluation view):
+    fullgraph=True, so dynamo would raise at a graph break (a host read, a data-dependent shape).
+    The `aot_eager` backend runs the traced graph with eager kernels, so it must equal eager exactly."""
     images, box_u, param_u, spec = _uniform_inputs(2)
     torch._dynamo.reset()
     if fn == "random_view":

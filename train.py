@@ -101,7 +101,10 @@ def train(config: Config) -> int:
 
     batch_size = config.batch_size // process.world_size
     torch.manual_seed(config.seed + process.rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # IEEE fp32 for the step's fp32 matmuls (the loss's logits): the loaders switch TF32 on while they
+    # make views (loaders.device.tf32_matmuls); everything else runs under bf16 autocast.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
     use_bf16 = device.type == "cuda"
     loader = build_loader(config.data, split=config.data.train_split, train=True, batch_size=batch_size,
                           seed=config.seed, rank=process.rank, world_size=process.world_size, device=device,

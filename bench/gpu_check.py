@@ -276,14 +276,25 @@ def check_device_crops_imagenet(device: str) -> dict:
 
 def _ms_per_batch(make_batch: Callable[[], list[torch.Tensor]], repeats: int, on_gpu: bool) -> float:
     """Milliseconds per call of `make_batch` over `repeats` calls under `syncs_raise`, after one
-    untimed call (which compiles), the device waited for at the end."""
-    make_batch()
-    with syncs_raise(on_gpu):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = make_batch()
-    float(out[-1].float().sum())
-    return 1e3 * (time.perf_counter() - start) / repeats
+    untimed call (which compiles), the device waited for at the end; in TF32, as the loaders make
+    views (`loaders.device.tf32_matmuls`). Raises if a timed call compiled a graph again."""
+    from torch._dynamo.utils import counters
+
+    from loaders.device import tf32_matmuls
+
+    with tf32_matmuls():
+        make_batch()
+        graphs = counters["stats"]["unique_graphs"]
+        with syncs_raise(on_gpu):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                out = make_batch()
+        float(out[-1].float().sum())
+        elapsed = time.perf_counter() - start
+    if counters["stats"]["unique_graphs"] != graphs:
+        raise AssertionError(f"{counters['stats']['unique_graphs'] - graphs} graphs compiled after the first batch: "
+                             "a guard failed in steady state (run with TORCH_LOGS=recompiles)")
+    return 1e3 * elapsed / repeats
 
 
 def _augment_share(results: dict) -> None:
@@ -302,8 +313,9 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checks", help="comma list of checks to run (default: all)")
     args = parser.parse_args()
-    # As train.py: TF32 matmuls and convolutions, which the loaders' crops and blur also run under.
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # As train.py: IEEE fp32 matmuls, TF32 convolutions; the view checks make views in TF32 as the
+    # loaders do (`_ms_per_batch`).
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checks = {"kernel": lambda: check_kernel(args.device), "compile": lambda: check_compile(args.device),

@@ -154,8 +154,6 @@ def run(args: argparse.Namespace) -> dict:
                       compile_views=True if args.compile_views else False if args.eager_views else None,
                       device_crops=True if args.device_crops else False if args.host_crops else None)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    # As train.py: TF32 matmuls and convolutions on a GPU, which cover the views' crops and blur.
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     results = [backend_row(data, backend, args, dtype) for backend in args.backends.split(",")]
     baseline = next((r["images_per_s"] for r in results if r["backend"] == "torchvision"), None)
     for r in results:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
+from loaders.device import explicit_device
 from loaders.eval_view import mean_std, normalise
 
 SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize(img, 128) inverts values >= 128
@@ -190,6 +191,7 @@ def _hue_offsets(device: torch.device) -> torch.Tensor:
     """The constants of `device`, made once (`param_uniforms` makes them, eagerly, before any view is
     augmented): a batch builds no tensor from host data, and a compiled graph reads them as inputs.
     Returns `_adjust_hue`'s `(1, 3, 1, 1)` offsets n = 5, 3, 1, and makes `normalise`'s mean and std."""
+    device = explicit_device(device)
     mean_std(device)
     offsets = _HUE_OFFSETS.get(device)
     if offsets is None:

@@ -26,7 +26,7 @@ import torch
 
 from configs.schema import DataConfig
 from loaders.augment import ViewSpec, recipe_views
-from loaders.device import prefetched
+from loaders.device import explicit_device, prefetched
 from loaders.sampling import epoch_indices, num_batches
 from loaders.seeding import derive_seed
 
@@ -198,7 +198,7 @@ def build_loader(data: DataConfig, *, split: str, train: bool, batch_size: int, 
                  world_size: int = 1, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> Loader:
     """The loader of `data.backend` for one split of the converted dataset at `data.root`."""
-    device = torch.device(device)
+    device = explicit_device(torch.device(device))
     backend = resolve_backend(data, split, device)
     settings = LoaderSettings(data=data, split=split, train=train, batch_size=batch_size, seed=seed, rank=rank,
                               world_size=world_size, device=device, dtype=dtype)

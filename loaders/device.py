@@ -6,12 +6,15 @@ batch while the current one trains.
   cache keeps the staging block alive until the copy has run, so the source may be overwritten at
   once (FFCV's pinned buffers are). On CPU it is the tensor itself.
 - `Prefetcher`: wraps a loader; on CUDA each batch is made on a side stream one batch ahead
-  (batch N+1's crops and augmentations run while step N runs on the training stream), and the
+  (batch N+1's crops and augmentations run while step N runs on the training stream, their
+  matmuls in TF32: `tf32_matmuls`), and the
   training stream waits for that side stream before it uses a batch (`wait_stream`, and
   `record_stream` so the allocator does not hand the batch's memory to the side stream too
   early). On CPU there is one stream, so it is a pass-through.
 - `compile_setting`, `view_function`: whether the views are made by a `torch.compile`d graph (CUDA)
-  or eagerly, and the function that makes them.
+  or eagerly, and the function that makes them; `tf32_matmuls`: the precision they are made in.
+- `explicit_device`: a device with its index, as a tensor names it (the per-device constants'
+  key).
 - `reuse_host_memory`: on CPU, glibc's allocator tuned for the eager augmentations' churn.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import ctypes
 import ctypes.util
 import functools
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +45,29 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         host = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
     return host.to(device, non_blocking=True)
+
+
+def explicit_device(device: torch.device) -> torch.device:
+    """`device` with its index: `torch.device("cuda")` (and a generator made on it) names none,
+    while every CUDA tensor's `.device` does, so keys made from both would differ."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextmanager
+def tf32_matmuls() -> Iterator[None]:
+    """fp32 matmuls in TF32 inside the block (the setting restored after): where the views are
+    made, whose crops are two resampling matmuls (~0.3 TFLOP per 10-view ImageNet batch of 128).
+    TF32 rounds their inputs to a 10-bit mantissa, errors up to ~5e-4 of the [0, 1] range, a
+    quarter of the uint8 rounding step the published PIL pipeline applies after every op. Outside,
+    the training step's fp32 matmuls (the loss's logits, kNN's similarities) stay IEEE fp32."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def compile_setting(device: torch.device, compile_views: bool | None) -> bool:
@@ -120,8 +147,8 @@ class Prefetcher:
             batches.close()  # e.g. FFCV's decoding thread ends with the epoch, also when abandoned
 
     def _make(self, batches: Iterator[Batch]) -> Batch | None:
-        """The next batch, its device work queued on the side stream (None at the end)."""
-        with torch.cuda.stream(self.stream):
+        """The next batch, its device work queued on the side stream in TF32 (None at the end)."""
+        with torch.cuda.stream(self.stream), tf32_matmuls():
             return next(batches, None)
 
 

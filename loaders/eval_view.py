@@ -11,6 +11,8 @@ import torchvision.transforms.functional as TF
 import torchvision.transforms.v2.functional as TF2
 from PIL import Image
 
+from loaders.device import explicit_device
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -44,6 +46,7 @@ def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The ImageNet mean and std as `(3, 1, 1)` tensors on `device`, made once per device: a batch
     then builds no tensor from host data (on CUDA, a copy the host waits for), and a compiled graph
     reads them as inputs. Call it eagerly before compiling a function that normalises."""
+    device = explicit_device(device)
     constants = _MEAN_STD.get(device)
     if constants is None:
         constants = _MEAN_STD[device] = tuple(torch.tensor(values, device=device).view(3, 1, 1)

@@ -1,9 +1,10 @@
 """`loaders.device` on CPU: host tensors stay put, the prefetcher is a pass-through that keeps the
 Loader interface (the CUDA side-stream path runs in `bench/gpu_check.py`)."""
+import pytest
 import torch
 
 from loaders.builder import Batch
-from loaders.device import Prefetcher, compile_setting, prefetched, to_device
+from loaders.device import Prefetcher, compile_setting, explicit_device, prefetched, tf32_matmuls, to_device
 
 
 class _Counting:
@@ -45,3 +46,24 @@ def test_views_are_compiled_on_cuda_by_default_only():
     """`data.compile_views`: None means on for CUDA only; a value wins."""
     assert compile_setting(torch.device("cuda"), None) and not compile_setting(torch.device("cpu"), None)
     assert compile_setting(torch.device("cpu"), True) and not compile_setting(torch.device("cuda"), False)
+
+
+def test_explicit_device_names_the_current_cuda_index(monkeypatch: pytest.MonkeyPatch):
+    """`torch.Generator("cuda").device` has no index, a CUDA tensor's device does: the per-device
+    constants are keyed by `explicit_device`, or a compiled view would miss them and recompile."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert explicit_device(torch.device("cuda")) == torch.device("cuda", 2)
+    assert explicit_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert explicit_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_tf32_only_inside_the_block(before: bool):
+    """The loaders make views in TF32; the step's fp32 matmuls (the loss's logits) stay IEEE fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = before
+    try:
+        with tf32_matmuls():
+            assert torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 is before
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False

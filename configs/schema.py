@@ -13,6 +13,7 @@ MISSING = "???"  # OmegaConf's marker of a required value; omegaconf itself is i
 
 BACKENDS = ("auto", "ffcv", "dali", "memory", "torchvision")
 DDP_COMPRESSION = ("none", "bf16")
+DDP_FIRST_BUCKET_MB = 1.0  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES, in MiB
 
 
 @dataclass
@@ -82,7 +83,7 @@ class CheckpointConfig:
 class DdpConfig:
     """DistributedDataParallel's gradient all-reduce (docs/training.md)."""
 
-    bucket_cap_mb: float = 25.0  # gradient bucket size; dynamo splits the compiled graph at bucket boundaries
+    bucket_cap_mb: float = 25.0  # gradient bucket size (MiB, >= 1); dynamo splits the compiled graph at its boundaries
     compress: str = "none"  # none | bf16: all-reduce gradients in bf16 (halves the traffic, for multi-node)
 
 
@@ -146,6 +147,10 @@ def _check(config: Config) -> None:
                           f"{config.model.patch_size}")
     if config.ddp.compress not in DDP_COMPRESSION:
         raise ConfigError(f"ddp.compress must be one of {DDP_COMPRESSION}; got {config.ddp.compress!r}")
+    if config.ddp.bucket_cap_mb < DDP_FIRST_BUCKET_MB:
+        raise ConfigError(f"ddp.bucket_cap_mb must be at least {DDP_FIRST_BUCKET_MB:g} (DDP's first gradient bucket is "
+                          f"1 MiB, and torch.compile's DDPOptimizer refuses smaller buckets); got "
+                          f"{config.ddp.bucket_cap_mb:g}")
     for name in ("smoothing_source", "smoothing_mix"):
         if not 0 <= getattr(config.model, name) < 1:
             raise ConfigError(f"model.{name} must be in [0, 1); got {getattr(config.model, name)}")

@@ -50,6 +50,8 @@ def test_misspelt_and_mistyped_keys_are_named():
         load_config(REPO / "configs" / "smoke.yaml", ["epochs=many"])
     with pytest.raises(ConfigError, match="data.backend must be one of"):
         load_config(REPO / "configs" / "smoke.yaml", ["data.backend=pil"])
+    with pytest.raises(ConfigError, match=r"ddp.bucket_cap_mb must be at least 1 .*; got 0.5"):
+        load_config(REPO / "configs" / "smoke.yaml", ["ddp.bucket_cap_mb=0.5"])
 
 
 def train_command(root: str, output: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> list[str]:

@@ -77,15 +77,17 @@ def check_compile(device: str) -> dict:
     return {}
 
 
-def _framework(arch: str, size: int, patch: int, device: str):
-    """A PatchMix model as train.py builds it (published heads on a GPU, tiny ones on CPU)."""
+def _framework(arch: str, size: int, patch: int, device: str, place: bool = True):
+    """A PatchMix model as train.py builds it (published heads on a GPU, tiny ones on CPU), on
+    `device`, or where it was made unless `place` (to count its FLOPs on the meta device)."""
     from model.batchnorm import convert_to_global
     from model.framework import PatchMixFramework
     from model.vit import create_vit
 
     mlp_dim = 4096 if device == "cuda" else 64
-    return convert_to_global(PatchMixFramework(create_vit(arch, size, patch, 0.1), mlp_dim=mlp_dim,
-                                               smoothing_source=0.1)).to(device)
+    model = convert_to_global(PatchMixFramework(create_vit(arch, size, patch, 0.1), mlp_dim=mlp_dim,
+                                                smoothing_source=0.1))
+    return model.to(device) if place else model
 
 
 def check_training(device: str) -> dict:
@@ -118,14 +120,16 @@ def check_step_syncs(device: str, steps: int = 20, timed_steps: int = 10) -> dic
     with the loop's per-step bookkeeping (`StopAgreement`), `steps` steady-state steps under
     `torch.cuda.set_sync_debug_mode("error")`: any host-device sync raises, and is reported with
     its stack. Then `timed_steps` more without the mode, timed to a final synchronisation: the
-    step time `augment_imagenet` is compared with. On CPU the same steps run small, without the
+    step time `augment_imagenet` is compared with, and the step's MFU. On CPU the same steps run small, without the
     mode (to validate this script)."""
     from trainer.agreement import StopAgreement
+    from trainer.monitor import peak_flops, step_flops_per_image
     from trainer.step import build_optimizer, train_step
 
     on_gpu = device == "cuda"
     arch, size, local, batch = ("vit_small", 224, 96, 128) if on_gpu else ("vit_mini", 32, 16, 4)
-    model = _framework(arch, size, 16 if on_gpu else 8, device)
+    patch = 16 if on_gpu else 8
+    model = _framework(arch, size, patch, device)
     optimizer = build_optimizer(model, lr=1e-4)
     step_model = torch.compile(model) if on_gpu else model
     views = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)] + \
@@ -151,8 +155,13 @@ def check_step_syncs(device: str, steps: int = 20, timed_steps: int = 10) -> dic
     agreement.settled(everything=True)
     synchronize(device)
     ms_per_step = 1e3 * (time.perf_counter() - start) / timed_steps
+    images_per_s = batch / ms_per_step * 1e3
+    flops = step_flops_per_image(lambda: _framework(arch, size, patch, device, place=False),
+                                 [(2, *view.shape[1:]) for view in views])
+    peak = peak_flops(torch.device(device))
     return {"arch": arch, "batch": batch, "steady_steps_without_sync": steps, "ms_per_step": ms_per_step,
-            "images_per_s": batch / ms_per_step * 1e3}
+            "images_per_s": images_per_s, "gflops_per_image": flops / 1e9,
+            "mfu": flops * images_per_s / peak if peak else None}
 
 
 def tiny_dataset(root: Path, count: int) -> Path:

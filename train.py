@@ -32,7 +32,7 @@ from trainer.distributed import Process, agreed, init_process, mean_across_ranks
 from trainer.monitor import Monitor, Throughput, peak_flops, peak_memory_gb, step_flops_per_image
 from trainer.resume import checked_resume, dataset_fingerprint, restore
 from trainer.schedules import Schedules
-from trainer.step import build_optimizer, set_schedule, train_step
+from trainer.step import build_optimizer, set_schedule, set_step_precision, train_step
 
 
 def build_framework(config: Config) -> PatchMixFramework:
@@ -101,10 +101,7 @@ def train(config: Config) -> int:
 
     batch_size = config.batch_size // process.world_size
     torch.manual_seed(config.seed + process.rank)
-    # IEEE fp32 for the step's fp32 matmuls (the loss's logits): the loaders switch TF32 on while they
-    # make views (loaders.device.tf32_matmuls); everything else runs under bf16 autocast.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = True
+    set_step_precision()  # IEEE fp32 for the loss's logits; the loaders' views use TF32
     use_bf16 = device.type == "cuda"
     loader = build_loader(config.data, split=config.data.train_split, train=True, batch_size=batch_size,
                           seed=config.seed, rank=process.rank, world_size=process.world_size, device=device,

@@ -28,6 +28,7 @@ from atomic_write import write_atomic  # noqa: E402
 from bench.harness import endless, synchronize  # noqa: E402
 from kernels.patchmix import patchmix  # noqa: E402
 from kernels.reference import patchmix_reference  # noqa: E402
+from trainer.step import set_step_precision  # noqa: E402
 
 
 @contextmanager
@@ -285,21 +286,18 @@ def check_device_crops_imagenet(device: str) -> dict:
 
 def _ms_per_batch(make_batch: Callable[[], list[torch.Tensor]], repeats: int, on_gpu: bool) -> float:
     """Milliseconds per call of `make_batch` over `repeats` calls under `syncs_raise`, after one
-    untimed call (which compiles), the device waited for at the end; in TF32, as the loaders make
-    views (`loaders.device.tf32_matmuls`). Raises if a timed call compiled a graph again."""
+    untimed call (which compiles), the device waited for at the end. Raises if a timed call
+    compiled a graph again."""
     from torch._dynamo.utils import counters
 
-    from loaders.device import tf32_matmuls
-
-    with tf32_matmuls():
-        make_batch()
-        graphs = counters["stats"]["unique_graphs"]
-        with syncs_raise(on_gpu):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                out = make_batch()
-        float(out[-1].float().sum())
-        elapsed = time.perf_counter() - start
+    make_batch()
+    graphs = counters["stats"]["unique_graphs"]
+    with syncs_raise(on_gpu):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = make_batch()
+    float(out[-1].float().sum())
+    elapsed = time.perf_counter() - start
     if counters["stats"]["unique_graphs"] != graphs:
         raise AssertionError(f"{counters['stats']['unique_graphs'] - graphs} graphs compiled after the first batch: "
                              "a guard failed in steady state (run with TORCH_LOGS=recompiles)")
@@ -322,9 +320,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checks", help="comma list of checks to run (default: all)")
     args = parser.parse_args()
-    # As train.py: IEEE fp32 matmuls, TF32 convolutions; the view checks make views in TF32 as the
-    # loaders do (`_ms_per_batch`).
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    set_step_precision()  # as train.py (the views' functions use TF32 matmuls themselves)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checks = {"kernel": lambda: check_kernel(args.device), "compile": lambda: check_compile(args.device),

@@ -36,7 +36,7 @@ from model.collectives import gather_keys
 from model.framework import PatchMixFramework
 from model.vit import create_vit
 from trainer.monitor import peak_flops, step_flops_per_image
-from trainer.step import build_optimizer, param_groups, train_step
+from trainer.step import build_optimizer, param_groups, set_step_precision, train_step
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def count_graphs_two_processes(spec: BenchModel, batch: int) -> dict:
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # as train.py
+    set_step_precision()  # as train.py
     peak = peak_flops(device)
     settings = {"device": str(device), "compile": on_gpu and not args.no_compile, "repeats": args.repeats,
                 "precision": "bf16 (ours) / fp16+GradScaler (baseline)" if on_gpu else "fp32 (both)",

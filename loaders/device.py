@@ -6,13 +6,12 @@ batch while the current one trains.
   cache keeps the staging block alive until the copy has run, so the source may be overwritten at
   once (FFCV's pinned buffers are). On CPU it is the tensor itself.
 - `Prefetcher`: wraps a loader; on CUDA each batch is made on a side stream one batch ahead
-  (batch N+1's crops and augmentations run while step N runs on the training stream, their
-  matmuls in TF32: `tf32_matmuls`), and the
+  (batch N+1's crops and augmentations run while step N runs on the training stream), and the
   training stream waits for that side stream before it uses a batch (`wait_stream`, and
   `record_stream` so the allocator does not hand the batch's memory to the side stream too
   early). On CPU there is one stream, so it is a pass-through.
 - `compile_setting`, `view_function`: whether the views are made by a `torch.compile`d graph (CUDA)
-  or eagerly, and the function that makes them; `tf32_matmuls`: the precision they are made in.
+  or eagerly, and the function that makes them, with TF32 matmuls (`tf32_matmuls`).
 - `explicit_device`: a device with its index, as a tensor names it (the per-device constants'
   key).
 - `reuse_host_memory`: on CPU, glibc's allocator tuned for the eager augmentations' churn.
@@ -78,14 +77,23 @@ def compile_setting(device: torch.device, compile_views: bool | None) -> bool:
 
 def view_function(fn: Callable, device: torch.device, compile_views: bool | None) -> Callable:
     """`fn` (a view's crop and/or augmentations), compiled as one graph per view shape when
-    `compile_setting` says so.
+    `compile_setting` says so, and always called with TF32 matmuls (`tf32_matmuls`): the views'
+    precision then does not depend on the caller, nor does dynamo's guard on that global setting
+    (a call in the other state would compile the graph again).
 
     Inductor's layout optimisation is off: it would store every intermediate of the colour ops
     channels-last for the sake of the blur's one small convolution, and on a CPU that made the
     fused colour kernel loop over the 3 channels instead of vectorising over pixels (2.4× slower)."""
-    if not compile_setting(device, compile_views):
-        return fn
-    return torch.compile(fn, fullgraph=True, dynamic=False, options={"layout_optimization": False})
+    make = fn
+    if compile_setting(device, compile_views):
+        make = torch.compile(fn, fullgraph=True, dynamic=False, options={"layout_optimization": False})
+
+    @functools.wraps(fn)
+    def in_tf32(*args):
+        with tf32_matmuls():
+            return make(*args)
+
+    return in_tf32
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -147,8 +155,8 @@ class Prefetcher:
             batches.close()  # e.g. FFCV's decoding thread ends with the epoch, also when abandoned
 
     def _make(self, batches: Iterator[Batch]) -> Batch | None:
-        """The next batch, its device work queued on the side stream in TF32 (None at the end)."""
-        with torch.cuda.stream(self.stream), tf32_matmuls():
+        """The next batch, its device work queued on the side stream (None at the end)."""
+        with torch.cuda.stream(self.stream):
             return next(batches, None)
 
 

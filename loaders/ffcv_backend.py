@@ -2,8 +2,8 @@
 
 Stock FFCV decodes once per pipeline, so two views would cost two JPEG decodes. Here each image
 is decoded once (libjpeg-turbo, or the raw pixels), then one of two ways, per `data.device_crops`
-(`None`: device crops in training on CUDA for images of at most 1,024 px, else host crops;
-`loaders.builder.resolve_device_crops`):
+(`None`, for images of at most 1,024 px: device crops in training on CUDA, and in evaluation on
+every device; else host crops; `loaders.builder.resolve_device_crops`):
 
 - **Device crops.** `WholeRGBImageDecoder` packs the whole decoded image into its sample's row;
   the device unpacks the batch (`loaders.crop.padded_images`) and makes every view there as the
@@ -19,9 +19,10 @@ is decoded once (libjpeg-turbo, or the raw pixels), then one of two ways, per `d
   uniforms from the per-batch generator).
 
 Evaluation resizes and centre-crops each image (`loaders.eval_view`), the same two ways: on the
-device with PIL's bicubic (`loaders.crop.centre_view`; `data.device_crops: null` picks it on every
-device for images of at most 1,024 px, so a checkpoint's kNN accuracy does not depend on where it
-was measured), or on the host with OpenCV's INTER_AREA, whose filter is not the recipe's.
+device with PIL's bicubic (`loaders.crop.centre_view`, eager and in IEEE fp32; `data.device_crops:
+null` picks it on every device for images of at most 1,024 px, so this backend's evaluation view
+is the same on a CPU and a GPU), or on the host with OpenCV's INTER_AREA, whose filter is not the
+recipe's.
 
 The device stage (`_device_stage`) makes the host wait for nothing: pixels, labels, areas or
 sizes and indices go through pinned memory with non-blocking copies (`loaders.device.to_device`),
@@ -58,7 +59,7 @@ from loaders.augment import ViewSpec, param_uniforms, random_augment
 from loaders.builder import Batch, EpochLoader, LoaderSettings, resolve_device_crops, worker_threads
 from loaders.crop import centre_view, padded_images, random_view, random_views
 from loaders.device import to_device, view_function
-from loaders.eval_view import eval_resize_length, mean_std, normalise
+from loaders.eval_view import eval_resize_length, normalise
 from loaders.seeding import derive_seed
 from loaders.shards import open_converted
 
@@ -241,11 +242,11 @@ class FfcvLoader(EpochLoader):
                              batches_ahead=BATCHES_AHEAD, seed=settings.seed,
                              pipelines={"image": PipelineSpec("image", decoder=self.decoder),
                                         "label": [IntDecoder()]})
-        if self.device_crops:
-            mean_std(settings.device)  # made eagerly, so that a compiled `centre_view` reads them as inputs
+        if self.device_crops and not settings.train:  # one view, eager: compiled, a partial batch would recompile
+            self.unpack, self.make_view = padded_images, centre_view
+        elif self.device_crops:
             self.unpack = view_function(padded_images, settings.device, data.compile_views)
-            self.make_view = view_function(random_view if settings.train else centre_view, settings.device,
-                                           data.compile_views)
+            self.make_view = view_function(random_view, settings.device, data.compile_views)
         else:
             self.make_view = view_function(random_augment, settings.device, data.compile_views)
 

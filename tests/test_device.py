@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from loaders.builder import Batch
-from loaders.device import Prefetcher, compile_setting, explicit_device, prefetched, tf32_matmuls, to_device
+from loaders.device import (Prefetcher, compile_setting, explicit_device, prefetched, tf32_matmuls, to_device,
+                            view_function)
+from trainer.step import set_step_precision
 
 
 class _Counting:
@@ -57,9 +59,18 @@ def test_explicit_device_names_the_current_cuda_index(monkeypatch: pytest.Monkey
     assert explicit_device(torch.device("cpu")) == torch.device("cpu")
 
 
+def test_views_are_made_with_tf32_matmuls_and_the_step_without():
+    """`view_function`'s views use TF32 matmuls whoever calls them (the crops' resampling); the
+    setting is restored after, so the step's fp32 matmuls (the loss's logits) stay IEEE fp32."""
+    set_step_precision()
+    seen = []
+    make = view_function(lambda x: seen.append(torch.backends.cuda.matmul.allow_tf32) or x, torch.device("cpu"), False)
+    assert make(1) == 1 and seen == [True]
+    assert not torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
 @pytest.mark.parametrize("before", [False, True])
 def test_tf32_only_inside_the_block(before: bool):
-    """The loaders make views in TF32; the step's fp32 matmuls (the loss's logits) stay IEEE fp32."""
     torch.backends.cuda.matmul.allow_tf32 = before
     try:
         with tf32_matmuls():

@@ -159,10 +159,11 @@ def test_compiled_ddp_step_is_one_graph_and_equals_eager(tmp_path: Path, momentu
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_ddp_step_split_at_buckets_equals_eager(tmp_path: Path, backend: str) -> None:
     """A model whose gradients fill several 1 MiB buckets: dynamo's DDPOptimizer splits the compiled
-    graph at the bucket boundaries (so each bucket's all-reduce overlaps the rest of the backward),
-    with the global BatchNorm's `autograd.Function` and the functional collectives inside the
-    pieces. Still one dynamo graph without a break, and the eager step's loss and gradients; with
-    inductor too, the compiler train.py uses (C++ kernels here, ~2 minutes cold)."""
+    graph at the bucket boundaries (so each bucket's all-reduce overlaps the rest of the backward)
+    and compiles each piece; the pieces hold the global BatchNorm's `autograd.Function` and the
+    functional collectives. Checked: more than two pieces, one dynamo graph without a break, and
+    the eager step's loss and gradients; with inductor too, the compiler train.py uses (C++
+    kernels here, ~2 minutes cold)."""
     for result in run_ranks(_compiled_ddp, tmp_path, backend, True, True):
         assert result["pieces"] > 2, result
         assert result["graph_breaks"] == 0 and result["unimplemented"] == 0 and result["graphs"] == 1, result

@@ -7,6 +7,15 @@ from torch import nn
 from model.framework import PatchMixFramework
 
 
+def set_step_precision() -> None:
+    """The process-wide precision the step is built for: fp32 matmuls stay IEEE fp32 (the step's
+    only ones are the loss's logits, kept fp32 on purpose; everything else runs under bf16
+    autocast), convolutions may use TF32. The loaders' views switch TF32 matmuls on for
+    themselves (`loaders.device.view_function`)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     """Apply this step's lr to every group and its weight decay to the decayed group only."""
     for group in optimizer.param_groups:

@@ -17,8 +17,8 @@ every op (PIL's hue shift is also quantised to 1/255 of the circle).
 
 The GPU contract (counted on CPU by `tests/test_loaders.py` with `bench.dispatch.OpCounter`): no
 op here reads a device value on the host or builds a tensor from host data per batch. Constant
-tensors (normalisation, hue offsets) are made once per device (`_hue_offsets`,
-`loaders.eval_view.mean_std`), and `apply`
+tensors (normalisation, hue offsets) are made once per device (`loaders.device.channel_constant`),
+and `apply`
 has no data-dependent shapes, so `torch.compile(apply, fullgraph=True)` is one graph; the
 loaders compile it on CUDA (`loaders.device.view_function`).
 
@@ -36,11 +36,12 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from loaders.device import explicit_device
-from loaders.eval_view import mean_std, normalise
+from loaders.device import channel_constant
+from loaders.eval_view import IMAGENET_MEAN, IMAGENET_STD, normalise
 
 SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize(img, 128) inverts values >= 128
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # torchvision's ColorJitter op ids (`fn_idx`)
+HUE_OFFSETS = (5.0, 3.0, 1.0)  # n = 5, 3, 1 of `_adjust_hue`'s closed form, one per channel
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ def param_uniforms(batch: int, generator: torch.Generator) -> torch.Tensor:
     """`(B, PARAM_UNIFORMS)` uniforms in [0, 1) for one view's parameters: one `torch.rand` on
     `generator.device` (dynamo does not trace an explicit generator, so this stays eager). Also
     makes the device's constants, eagerly, so that a compiled `apply` reads them as inputs."""
-    _hue_offsets(generator.device)
+    for values in (IMAGENET_MEAN, IMAGENET_STD, HUE_OFFSETS):
+        channel_constant(values, generator.device)
     return torch.rand(batch, PARAM_UNIFORMS, generator=generator, device=generator.device)
 
 
@@ -184,21 +186,6 @@ def random_augment(images: torch.Tensor, uniforms: torch.Tensor, spec: ViewSpec,
     return apply(images, params, dtype), params.decisions()
 
 
-_HUE_OFFSETS: dict[torch.device, torch.Tensor] = {}
-
-
-def _hue_offsets(device: torch.device) -> torch.Tensor:
-    """The constants of `device`, made once (`param_uniforms` makes them, eagerly, before any view is
-    augmented): a batch builds no tensor from host data, and a compiled graph reads them as inputs.
-    Returns `_adjust_hue`'s `(1, 3, 1, 1)` offsets n = 5, 3, 1, and makes `normalise`'s mean and std."""
-    device = explicit_device(device)
-    mean_std(device)
-    offsets = _HUE_OFFSETS.get(device)
-    if offsets is None:
-        offsets = _HUE_OFFSETS[device] = torch.tensor((5.0, 3.0, 1.0), device=device).view(1, 3, 1, 1)
-    return offsets
-
-
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
     """`(B,)` -> `(B, 1, 1, 1)`, to broadcast a per-sample value over an image batch."""
     return values.view(-1, 1, 1, 1)
@@ -249,7 +236,7 @@ def _adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     value_plane = value[:, 0]
     sector = torch.where(value_plane == red, bc - gc, torch.where(value_plane == green, 2 + rc - bc, 4 + gc - rc))
     hue6 = 6 * _mod(sector / 6 + hue.view(-1, 1, 1), 1)[:, None]
-    k = _mod(_hue_offsets(x.device) + hue6, 6)
+    k = _mod(channel_constant(HUE_OFFSETS, x.device) + hue6, 6)
     return value - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 

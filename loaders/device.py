@@ -12,8 +12,8 @@ batch while the current one trains.
   early). On CPU there is one stream, so it is a pass-through.
 - `compile_setting`, `view_function`: whether the views are made by a `torch.compile`d graph (CUDA)
   or eagerly, and the function that makes them, with TF32 matmuls (`tf32_matmuls`).
-- `explicit_device`: a device with its index, as a tensor names it (the per-device constants'
-  key).
+- `explicit_device`: a device with its index, as a tensor names it; `channel_constant`: a
+  per-channel constant made once per device (keyed by it).
 - `reuse_host_memory`: on CPU, glibc's allocator tuned for the eager augmentations' churn.
 """
 from __future__ import annotations
@@ -52,6 +52,20 @@ def explicit_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+_CONSTANTS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+
+
+def channel_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """`values`, one per channel, as a `(C, 1, 1)` tensor on `device`, made once per device: a batch
+    then builds no tensor from host data (on CUDA, a copy the host waits for), and a compiled graph
+    reads it as an input. Make it eagerly before a compiled function first reads it."""
+    key = (values, explicit_device(device))
+    constant = _CONSTANTS.get(key)
+    if constant is None:
+        constant = _CONSTANTS[key] = torch.tensor(values, device=key[1]).view(-1, 1, 1)
+    return constant
 
 
 @contextmanager

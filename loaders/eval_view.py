@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 import torchvision.transforms.v2.functional as TF2
 from PIL import Image
 
-from loaders.device import explicit_device
+from loaders.device import channel_constant
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,25 +39,10 @@ def eval_window(heights: torch.Tensor, widths: torch.Tensor, size: int) -> tuple
     return start, end
 
 
-_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ImageNet mean and std as `(3, 1, 1)` tensors on `device`, made once per device: a batch
-    then builds no tensor from host data (on CUDA, a copy the host waits for), and a compiled graph
-    reads them as inputs. Call it eagerly before compiling a function that normalises."""
-    device = explicit_device(device)
-    constants = _MEAN_STD.get(device)
-    if constants is None:
-        constants = _MEAN_STD[device] = tuple(torch.tensor(values, device=device).view(3, 1, 1)
-                                              for values in (IMAGENET_MEAN, IMAGENET_STD))
-    return constants
-
-
 def normalise(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 `(…, 3, H, W)` in [0, 255] (or float in [0, 1]) -> ImageNet-normalised `dtype`."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    mean, std = mean_std(images.device)
+    mean, std = (channel_constant(values, images.device) for values in (IMAGENET_MEAN, IMAGENET_STD))
     return ((x - mean) / std).to(dtype)
 
 

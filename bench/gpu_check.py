@@ -121,8 +121,8 @@ def check_step_syncs(device: str, steps: int = 20, timed_steps: int = 10) -> dic
     with the loop's per-step bookkeeping (`StopAgreement`), `steps` steady-state steps under
     `torch.cuda.set_sync_debug_mode("error")`: any host-device sync raises, and is reported with
     its stack. Then `timed_steps` more without the mode, timed to a final synchronisation: the
-    step time `augment_imagenet` is compared with, and the step's MFU. On CPU the same steps run small, without the
-    mode (to validate this script)."""
+    step time `augment_imagenet` is compared with, and the step's MFU. On CPU the same steps run
+    small, without the mode (to validate this script)."""
     from trainer.agreement import StopAgreement
     from trainer.monitor import peak_flops, step_flops_per_image
     from trainer.step import build_optimizer, train_step

@@ -210,6 +210,12 @@ def run(args: argparse.Namespace) -> dict:
     columns = ["model", "batch", "impl", "step_ms", "images_per_s", "speedup", "mfu", "aten_ops", "sync_prone_ops",
                "syncs_per_step", "world1_graphs", "world1_graph_breaks", "world2_graphs", "world2_graph_breaks"]
     results = []
+
+    def save_so_far() -> None:
+        """Write the rows measured so far: a run stopped by a time limit keeps them (our step's MFU)."""
+        if args.json:
+            save_record(make_record("step", settings, results), args.json)
+
     for name in args.models.split(","):
         spec = MODELS[name]
         batch = args.batch or (spec.gpu_batch if on_gpu else spec.cpu_batch)
@@ -238,13 +244,11 @@ def run(args: argparse.Namespace) -> dict:
         if step_model is not model:  # an eager row first: an MFU that survives a compile cut short by a time limit
             results.append(row("patchmix-trainer, eager", measure(ours_eager, warmup=1, repeats=args.repeats,
                                                                   device=str(device)), ours_ops, None))
-            if args.json:
-                save_record(make_record("step", settings, results), args.json)
+            save_so_far()
         ours_time = measure(ours, warmup=3, repeats=args.repeats, device=str(device))
         ours_row = row("patchmix-trainer", ours_time, ours_ops, syncs_per_step(ours) if on_gpu else None)
         results.append(ours_row)
-        if args.json:  # so that a run stopped by a time limit during the baseline keeps our step's figures (MFU)
-            save_record(make_record("step", settings, results), args.json)
+        save_so_far()  # before the baseline
         del model, optimizer, step_model
 
         model = build_model(spec, device)

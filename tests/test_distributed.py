@@ -1,6 +1,7 @@
 """The training step under DDP on 2 gloo processes: global BatchNorm equals BatchNorm on the
 concatenated batch; the compiled step is one graph (no graph break) with the eager step's loss and
-gradients, also split at DDP's buckets and compiled by inductor; bf16 gradient compression; ranks agree on stopping and on non-finite losses."""
+gradients, also split at DDP's buckets and compiled by inductor; bf16 gradient compression; ranks
+agree on stopping and on non-finite losses."""
 import gc
 import json
 import os

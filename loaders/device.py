@@ -93,14 +93,10 @@ def view_function(fn: Callable, device: torch.device, compile_views: bool | None
     """`fn` (a view's crop and/or augmentations), compiled as one graph per view shape when
     `compile_setting` says so, and always called with TF32 matmuls (`tf32_matmuls`): the views'
     precision then does not depend on the caller, nor does dynamo's guard on that global setting
-    (a call in the other state would compile the graph again).
-
-    Inductor's layout optimisation is off: it would store every intermediate of the colour ops
-    channels-last for the sake of the blur's one small convolution, and on a CPU that made the
-    fused colour kernel loop over the 3 channels instead of vectorising over pixels (2.4× slower)."""
+    (a call in the other state would compile the graph again)."""
     make = fn
     if compile_setting(device, compile_views):
-        make = torch.compile(fn, fullgraph=True, dynamic=False, options={"layout_optimization": False})
+        make = torch.compile(fn, fullgraph=True, dynamic=False)
 
     @functools.wraps(fn)
     def in_tf32(*args):

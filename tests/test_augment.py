@@ -134,15 +134,16 @@ def test_each_jitter_op_matches_torchvision(op):
         _close(out[b], _normalise(ADJUST[op](x[b], factors[b, op].item())))
 
 
-def test_hue_mod_equals_torch_remainder_on_its_ranges():
-    """The hue shift's cheap `mod` (`a − m·floor(a/m)`) gives `torch.remainder`'s values on the ranges
-    it is used on: hue + shift in [−2/3, 4/3) mod 1, and offset + 6·hue in [1, 11] mod 6."""
-    generator = torch.Generator().manual_seed(0)
-    hue = torch.rand(1_000_000, generator=generator) * 2 - 2 / 3
-    sector = 1 + 10 * torch.rand(1_000_000, generator=generator)
-    edges = torch.tensor([-1e-8, 0.0, 1 - 2 ** -24, 1.0, 4 / 3 - 1e-7])
-    for a, m in ((torch.cat([hue, edges]), 1), (torch.cat([sector, 6 + edges, 6 - edges.abs()]), 6)):
-        assert torch.equal(_mod(a, m), torch.remainder(a, m))
+def test_hue_mod_equals_torch_remainder_on_its_range():
+    """The hue shift's cheap `mod` (`a − 6·floor(a/6)`) gives `torch.remainder`'s values on the range
+    it is used on: offset + sector + 6·hue in [−3, 13], integers and their neighbours included (a sum
+    with an offset of at least 1, so never a subnormal: those are left out)."""
+    a = torch.rand(2_000_000, generator=torch.Generator().manual_seed(0)) * 16 - 3
+    edges = torch.arange(-3.0, 14.0)
+    edges = edges[edges != 0]
+    neighbours = torch.cat([edges, torch.nextafter(edges, edges - 1), torch.nextafter(edges, edges + 1)])
+    a = torch.cat([a, neighbours, torch.tensor([-1e-8, 1e-8, 6 - 1e-7, 12 - 1e-6])])
+    assert torch.equal(_mod(a, 6), torch.remainder(a, 6))
 
 
 def test_jitter_in_every_order_matches_torchvision_color_jitter():
@@ -183,11 +184,13 @@ def test_solarize_matches_pil():
         _close(out[b], _normalise(torch.from_numpy(np.array(expected)).permute(2, 0, 1) / 255))
 
 
-def test_blur_matches_float64_gaussian_and_leaves_others_alone():
+@pytest.mark.parametrize("height, width", [(16, 16), (7, 12), (5, 5), (1, 1)])
+def test_blur_matches_float64_gaussian_and_leaves_others_alone(height, width):
+    """Also on images narrower than the 13-tap kernel, where most taps read a repeated edge."""
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0, 1.3])
     blur = torch.tensor([True, True, True, True, True, False])
     params = _params(dataclasses.replace(PLAIN, blur_prob=0.5), len(sigma), blur=blur, sigma=sigma)
-    x = _images(len(sigma))
+    x = _images(len(sigma))[..., :height, :width]
     out = apply(x, params)
     for b in range(len(sigma)):
         _close(out[b], _normalise(_blur_reference(x[b], sigma[b].item()) if blur[b] else x[b]))

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at toy sizes: `bench.py all --json`, the loader benchmark's
-columns, the step benchmark's early record, and `bench/gpu_check.py`'s CPU smoke mode."""
+columns, the kernel benchmark's device-time columns, the step benchmark's early record, and
+`bench/gpu_check.py`'s CPU smoke mode."""
 import argparse
 import json
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import bench.kernel
 import bench.loader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,3 +158,23 @@ def test_gpu_check_reports_the_augmentation_share_of_a_step_of_the_same_batch():
     results["augment_imagenet"] = {"ok": True, "batch": 2, "ms_per_batch": 15.0}  # CPU smoke sizes differ
     _augment_share(results)
     assert "share_of_vit_s_step" not in results["augment_imagenet"]
+
+
+def test_kernel_device_time_mixes_as_patchmix_and_derives_its_columns():
+    """What `bench.py kernel` replays in CUDA graphs is `patchmix`'s mix for the given permutation; a
+    failed capture (here: no CUDA) becomes a reason in the row, and the ratios come from device times."""
+    import torch
+
+    from kernels.patchmix import patchmix
+
+    images, perm = torch.randn(4, 3, 8, 8), torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    mixed, _ = patchmix(images, 2, 2, perm=perm, backend="torch")
+    assert torch.equal(bench.kernel._mix_with(images, perm, 2, 2, "torch")(), mixed)
+    reason = bench.kernel._device_ms(lambda: images.clone())
+    assert reason.startswith("unavailable: ")
+    failed = bench.kernel._device_columns({"torch": reason}, "torch", 1.0)
+    assert failed == {"device_ms": reason, "device_GB_per_s": None, "device_speedup_vs_reference": None,
+                      "fraction_of_copy_bw": None}
+    columns = bench.kernel._device_columns({"reference": 4.0, "copy": 0.5, "triton": 1.0}, "triton", 2.0)
+    assert columns == {"device_ms": 1.0, "device_GB_per_s": 2000.0, "device_speedup_vs_reference": 4.0,
+                       "fraction_of_copy_bw": 0.5}

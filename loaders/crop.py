@@ -211,15 +211,24 @@ def _bicubic_weights(start: torch.Tensor, scale: torch.Tensor, low: torch.Tensor
     """`(B, out_size, in_size)` resampling matrices of PIL's bicubic, per sample: output pixel `u`
     centred at `start + (u + 0.5)·scale` in input coordinates (input pixel `x` at `x + 0.5`), its
     taps the input pixels in `[low, high)` (the crop's box, or the whole image), renormalised.
-    When shrinking (`scale > 1`), the cubic is stretched by the scale (antialias)."""
+    When shrinking (`scale > 1`), the cubic is stretched by the scale (antialias).
+
+    The cubic is evaluated only at the taps inside its support (`4·stretch` wide), then scattered
+    into the dense matrix the matmuls take: `ceil(4·in_size / out_size) + 2` taps per output
+    pixel cover the largest stretch a box inside the image allows (23 for a 96-px view of a
+    512-px image, against 512 columns), so the weights' temporaries are that much smaller."""
+    taps = math.ceil(4 * max(1.0, in_size / out_size)) + 2
     scale = scale[:, None, None]
     stretch = scale.clamp(min=1.0)
-    centre = (torch.arange(out_size, device=start.device) + 0.5)[None, :, None] * scale
-    pixels = torch.arange(in_size, device=start.device)
-    position = (pixels - start[:, None] + 0.5)[:, None, :]
+    centre = (torch.arange(out_size, device=start.device) + 0.5)[None, :, None] * scale  # from `start`
+    first = torch.floor(start[:, None, None] + centre - 0.5 - 2 * stretch).long()  # the support's first pixel
+    pixels = first + torch.arange(taps, device=start.device)  # (B, out_size, taps)
+    position = pixels - start[:, None, None] + 0.5
     inside = (pixels >= low[:, None, None]) & (pixels < high[:, None, None])
     weights = _cubic((position - centre) / stretch) * inside
-    return weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    dense = weights.new_zeros(weights.shape[0], out_size, in_size)
+    return dense.scatter_add_(2, pixels.clamp(0, in_size - 1), weights)  # taps outside add 0
 
 
 def _cubic(d: torch.Tensor, a: float = -0.5) -> torch.Tensor:

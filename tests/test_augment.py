@@ -327,10 +327,13 @@ def test_full_box_at_same_size_reproduces_the_image():
     _close(resized_crop((x * 255).round().to(torch.uint8), full, 32), x, atol=1e-6)
 
 
-@pytest.mark.parametrize("height,width,size", [(32, 32, 32), (64, 48, 24), (40, 56, 96)])
+@pytest.mark.parametrize("height,width,size", [(32, 32, 32), (64, 48, 24), (40, 56, 96), (60, 52, 11)])
 def test_resized_crop_matches_torchvision_antialiased_bicubic(height, width, size):
-    x = _smooth(6, height, width)
+    """Random boxes, and the whole image: the strongest shrink, whose cubic is the widest (the
+    weights are computed on a band of taps sized for it)."""
+    x = _smooth(7, height, width)
     boxes = crop_boxes(6, height, width, (0.05, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    boxes = torch.cat([boxes, torch.tensor([[0, 0, height, width]])])
     out = resized_crop(x, boxes, size)
     for b, (top, left, h, w) in enumerate(boxes.tolist()):
         expected = TF.resized_crop(x[b], top, left, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 8 train.py --config configs/vitb_imagenet.yaml [key=value ...]
     python train.py --config configs/smoke.yaml data.root=DIR/digits        # one process, CPU or GPU
 
-Restarting the same command resumes from OUTPUT_DIR/last.pt, bit for bit. SIGTERM/SIGINT write
+Restarting the same command resumes from OUTPUT_DIR/last.pt (bit for bit on a CPU; on CUDA up to
+the rounding of kernels that accumulate in no fixed order: docs/training.md). SIGTERM/SIGINT write
 `last.pt` after the current step and exit.
 """
 import argparse

@@ -7,7 +7,8 @@ parameters are drawn on the generator's device by `draw_params` and applied by `
 backend pays no host round trip and tests can read or set every per-sample decision. Drawing is
 one `torch.rand` (`param_uniforms`) and pure tensor maths (`params_from_uniforms`), so a compiled
 view makes its parameters inside its graph (`random_augment`; `loaders.crop.random_view`): on a
-GPU the eager launches per view are the two `torch.rand` calls, not ~90 small ops.
+GPU the eager launches per view are its `torch.rand` calls (two with `random_view`, one with
+`random_augment`), not ~90 small ops.
 
 The colour ops follow torchvision's tensor kernels (formulas, clamping after each jitter step,
 the jitter order as a random permutation per sample); their outputs equal torchvision's
@@ -20,7 +21,8 @@ op here reads a device value on the host or builds a tensor from host data per b
 tensors (normalisation, hue offsets) are made once per device (`loaders.device.channel_constant`),
 and `apply`
 has no data-dependent shapes, so `torch.compile(apply, fullgraph=True)` is one graph; the
-loaders compile it on CUDA (`loaders.device.view_function`).
+loaders compile the functions built on it (`random_augment`, `loaders.crop.random_view`) on CUDA
+(`loaders.device.view_function`).
 
 Dtypes: images stay uint8 while they move and while they are flipped (a gather of bytes: the
 flip commutes with every other op, so it runs first, on the smallest data), the view is written
@@ -265,8 +267,8 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, active: torch.Tensor, m
     ~8/255 at its border for sigma >= 1.5, where the box approximation is coarsest.
 
     Each pass is a batched matmul with a per-sample `(S, S)` matrix (`_blur_matrix`) that holds
-    the padding in its edge columns, as the crop's resampling is: on a CPU ~2× faster than the
-    grouped convolution of the padded planes it replaces (oneDNN runs `B·C` tiny groups), and
+    the padding in its edge columns, as the crop's resampling is: on a CPU 1.4–1.7× faster than
+    the grouped convolution of the padded planes it replaces (oneDNN runs `B·C` tiny groups), and
     equal to it within float rounding (~3e-7).
     """
     batch, channels, height, width = x.shape

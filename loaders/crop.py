@@ -123,7 +123,7 @@ def resized_centre_crop(images: torch.Tensor, sizes: torch.Tensor, size: int) ->
 
 def centre_view(images: torch.Tensor, sizes: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
     """The normalised evaluation view in `dtype` of padded images (`resized_centre_crop`): what the ffcv
-    backend compiles for evaluation with `data.device_crops`."""
+    backend runs, eagerly and in IEEE fp32, for evaluation with `data.device_crops`."""
     return normalise(resized_centre_crop(images, sizes, size), dtype)
 
 
@@ -213,10 +213,12 @@ def _bicubic_weights(start: torch.Tensor, scale: torch.Tensor, low: torch.Tensor
     taps the input pixels in `[low, high)` (the crop's box, or the whole image), renormalised.
     When shrinking (`scale > 1`), the cubic is stretched by the scale (antialias).
 
-    The cubic is evaluated only at the taps inside its support (`4·stretch` wide), then scattered
-    into the dense matrix the matmuls take: `ceil(4·in_size / out_size) + 2` taps per output
-    pixel cover the largest stretch a box inside the image allows (23 for a 96-px view of a
-    512-px image, against 512 columns), so the weights' temporaries are that much smaller."""
+    The cubic is evaluated on a band of `ceil(4·max(1, in_size / out_size)) + 2` pixels per
+    output pixel, from its support's first pixel: wide enough for the largest stretch a box
+    inside the image allows (a support `4·stretch` wide); taps beyond a sample's own support
+    weigh 0. The band is then scattered into the dense matrix the matmuls take. For a 96-px view
+    of a 512-px image that is 24 taps against 512 columns, so the weights' temporaries are that
+    much smaller."""
     taps = math.ceil(4 * max(1.0, in_size / out_size)) + 2
     scale = scale[:, None, None]
     stretch = scale.clamp(min=1.0)

@@ -71,7 +71,8 @@ def channel_constant(values: tuple[float, ...], device: torch.device) -> torch.T
 @contextmanager
 def tf32_matmuls() -> Iterator[None]:
     """fp32 matmuls in TF32 inside the block (the setting restored after): where the views are
-    made, whose crops are two resampling matmuls (~0.3 TFLOP per 10-view ImageNet batch of 128).
+    made, whose crops and blurs are two matmuls each (the crops' ~0.3 TFLOP per 10-view ImageNet
+    batch of 128).
     TF32 rounds their inputs to a 10-bit mantissa, errors up to ~5e-4 of the [0, 1] range, a
     quarter of the uint8 rounding step the published PIL pipeline applies after every op. Outside,
     the training step's fp32 matmuls (the loss's logits, kNN's similarities) stay IEEE fp32."""

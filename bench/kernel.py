@@ -79,11 +79,11 @@ def _mix_with(images: torch.Tensor, perm: torch.Tensor, patch: int, num_mix: int
 
 def _device_ms(fn: Callable) -> float | str:
     """Milliseconds of device time per call of `fn` (median of CUDA-graph replays), or why not."""
-    import triton.testing
-
     try:
+        import triton.testing
+
         return triton.testing.do_bench_cudagraph(fn, rep=10, return_mode="median")
-    except Exception as error:  # a capture failure costs this figure, not the benchmark
+    except Exception as error:  # no Triton, or a capture failure: this figure is lost, not the benchmark
         return f"unavailable: {type(error).__name__}: {error}"
 
 

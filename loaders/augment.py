@@ -230,8 +230,8 @@ def _adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     per-sample factor; torchvision's only takes one. Same hue formula as torchvision's
     `_rgb_to_hsv`; the way back is the closed form `v − chroma·clamp(min(k, 4 − k), 0, 1)`,
     `k = (n + 6·hue) mod 6` for n = 5, 3, 1 (R, G, B), which needs no per-pixel sector lookup.
-    The shift folds into `k` directly: `6·hue` is the sector `(sector + 6·factor) mod 6`, and
-    `k`'s own `mod 6` absorbs that one, so a single `mod` runs on the whole image.
+    The shift folds into `k`: the shifted `6·hue` is `(sector + 6·factor) mod 6`, and `k`'s own
+    `mod 6` absorbs that one, so a single `mod` runs over the whole image.
 
     That `mod` is `a − 6·floor(a / 6)`: on its range (a in [−3, 13]) it gives `torch.remainder`'s
     values, and compiled it is a few vector instructions, where inductor's `remainder` (a

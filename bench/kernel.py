@@ -44,13 +44,11 @@ def run(args: argparse.Namespace) -> dict:
             num_patches = (size // patch) ** 2
             perm = torch.randperm(num_patches, device=device)
             moved_gb = 2 * images.numel() * images.element_size() / 1e9  # each element read once, written once
-            timings = {"reference": measure(lambda: patchmix_reference(images, patch, args.num_mix, perm),
-                                            repeats=args.repeats, device=device)}
             mixing = {"reference": lambda: patchmix_reference(images, patch, args.num_mix, perm)}
             if device.startswith("cuda"):
                 out = torch.empty_like(images)
-                timings["copy"] = measure(lambda: out.copy_(images), repeats=args.repeats, device=device)
                 mixing["copy"] = lambda: out.copy_(images)
+            timings = {impl: measure(fn, repeats=args.repeats, device=device) for impl, fn in mixing.items()}
             generator = torch.Generator(device).manual_seed(0)
             for backend in backends:  # as the training step calls it: no `perm=`, whose check reads the device
                 timings[backend] = measure(lambda: patchmix(images, patch, args.num_mix, generator=generator,
